@@ -1,0 +1,98 @@
+"""One analysis run, as the CLI and the analyzer service both perform it: load the model and
+data, run the importance engine, write ``result.json`` and the plots."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from isplit import IsplitError
+from isplit.checkpoint import ModelInfo, load_model
+from isplit.data import load_dataset, resolve_classes
+from isplit.importance import ImportanceCurve, Target, importance_curve
+from isplit.plots import plot_class_heat, plot_curve
+from isplit.training import pick_device
+
+
+class AnalysisResult(BaseModel):
+    """What an analysis produces (``result.json``)."""
+
+    model: ModelInfo
+    dataset: str
+    split: str
+    classes: list[int] | None
+    class_names: list[str]
+    curve: ImportanceCurve
+    ranking: list[str]
+    seconds: float
+    images_per_second: float
+    device: str
+
+
+def run_analysis(
+    weights: Path,
+    dataset: str,
+    *,
+    arch: str | None = None,
+    classes: Sequence[str | int] | None = None,
+    max_images: int | None = 1000,
+    batch_size: int = 64,
+    target: Target = "label",
+    device: str | None = None,
+    split: str = "test",
+    progress: bool | Callable[[int], None] = False,
+) -> AnalysisResult:
+    """Analyse the checkpoint ``weights`` on ``dataset`` (a spec string, see ``isplit.data``).
+
+    ``classes`` are indices or names (None = all); ``max_images`` caps the analysed images
+    (a stratified, seeded slice); errors a user can cause raise ``IsplitError``.
+    """
+    model, info = load_model(weights, arch=arch)
+    data = load_dataset(dataset, split, in_channels=info.in_channels)
+    if data.in_channels != info.in_channels:
+        raise IsplitError(f"dataset {dataset!r} has {data.in_channels} channels, the model expects {info.in_channels}")
+    if len(data.class_names) != info.num_classes:
+        raise IsplitError(
+            f"dataset {dataset!r} has {len(data.class_names)} classes, the model was trained on {info.num_classes}"
+        )
+    subset = resolve_classes(classes, data.class_names)
+    data = data.subset(subset, max_images)
+    dev = pick_device(device)
+    start = time.perf_counter()
+    curve = importance_curve(
+        model,
+        data.batches(batch_size, input_size=info.input_size, mean=info.mean, std=info.std),
+        target=target,
+        batch_size=batch_size,
+        device=dev,
+        classes=subset,
+        progress=progress,
+        total=len(data),
+    )
+    seconds = time.perf_counter() - start
+    return AnalysisResult(
+        model=info,
+        dataset=dataset,
+        split=split,
+        classes=subset,
+        class_names=data.class_names,
+        curve=curve,
+        ranking=curve.ranking(),
+        seconds=seconds,
+        images_per_second=curve.num_images / max(seconds, 1e-9),
+        device=str(dev),
+    )
+
+
+def write_report(result: AnalysisResult, out: Path) -> dict[str, Path]:
+    """Write ``result.json``, ``curve.png`` and ``classes.png`` into ``out``; returns their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"result": out / "result.json", "curve": out / "curve.png", "classes": out / "classes.png"}
+    paths["result"].write_text(json.dumps(result.model_dump(mode="json"), indent=1))
+    plot_curve(result.curve, paths["curve"], title=f"{result.model.arch} on {result.dataset}")
+    plot_class_heat(result.curve, result.class_names, paths["classes"])
+    return paths

@@ -1,0 +1,272 @@
+"""Kafka helpers on kafka-python: topics, an acknowledged publish, an at-least-once consumer.
+
+The consumer loop every service uses (offsets committed only after the work is published):
+
+    consumer = make_consumer(bootstrap, "isplit-trainer", [TOPIC_CANDIDATES], max_poll_records=1)
+    producer = make_producer(bootstrap, "isplit-trainer")
+    for record in consumer:
+        try:
+            candidate = decode(SplitCandidate, record.value)
+        except MessageError as exc:
+            dead_letter(producer, record.topic, record, str(exc), "trainer")
+        else:
+            publish(producer, TOPIC_RESULTS, candidate.analysis_id, train(candidate))
+        consumer.commit()
+
+Keys are the analysis id (UTF-8), values the JSON of an ``isplit.messages`` model.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol
+
+import kafka
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.producer.future import RecordMetadata
+from pydantic import BaseModel
+
+from isplit.messages import TOPIC_DEAD_LETTER, TOPIC_PARTITIONS, DeadLetter, encode
+
+log = logging.getLogger(__name__)
+
+# kafka-python 3 renamed some settings and metadata fields and deprecated NewTopic; 2.2+ works too.
+_KAFKA_PYTHON_MAJOR = int(kafka.__version__.split(".")[0])
+
+
+class PublishError(RuntimeError):
+    """A message was not acknowledged by the broker."""
+
+
+class TopicsError(RuntimeError):
+    """Topics could not be created or did not become ready in time."""
+
+
+class ConsumedRecord(Protocol):
+    """What ``dead_letter`` needs of a kafka-python ``ConsumerRecord``."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | str | None
+    value: bytes | None
+
+
+def ensure_topics(
+    bootstrap: str,
+    partitions: Mapping[str, int] = TOPIC_PARTITIONS,
+    timeout_s: float = 30.0,
+    replication_factor: int = 1,
+) -> dict[str, int]:
+    """Create the topics that are missing, each with its partition count, and wait until every
+    partition has a leader. Existing topics are left as they are (a different partition count is
+    logged, not changed). Retries until the broker answers, within ``timeout_s`` seconds.
+
+    Returns:
+        topic -> partition count now in the cluster, for every topic asked for.
+
+    Raises:
+        TopicsError: the broker did not answer, refused a topic, or a topic had no leader in time.
+    """
+    deadline = time.monotonic() + timeout_s
+    admin = _admin_client(bootstrap, "isplit-topics", deadline)
+    try:
+        existing = set(admin.list_topics())
+        missing = [name for name in partitions if name not in existing]
+        if missing:
+            _create_topics(admin, {name: partitions[name] for name in missing}, replication_factor)
+        counts = _wait_for_leaders(admin, list(partitions), deadline)
+    finally:
+        admin.close()
+    for name, wanted in partitions.items():
+        if counts[name] != wanted:
+            log.warning("topic %s has %d partitions, not %d; leaving it as it is", name, counts[name], wanted)
+    if missing:
+        log.info("created topics %s", ", ".join(f"{name} ({partitions[name]})" for name in missing))
+    return counts
+
+
+def make_producer(bootstrap: str, client_id: str, **overrides: Any) -> KafkaProducer:
+    """A producer that waits for all in-sync replicas (acks='all'), is idempotent (no duplicates
+    from its own retries), retries transient errors and batches for at most 5 ms. Values and
+    keys are bytes (``publish`` encodes them). ``overrides`` are KafkaProducer settings."""
+    config: dict[str, Any] = {
+        "bootstrap_servers": bootstrap,
+        "client_id": client_id,
+        "acks": "all",
+        "enable_idempotence": True,
+        "linger_ms": 5,
+        "max_block_ms": 30_000,
+        "retry_backoff_ms": 200,
+    }
+    if KafkaProducer.DEFAULT_CONFIG.get("retries") == 0:
+        # Older kafka-python does not retry by default; newer retries until delivery_timeout_ms.
+        config["retries"] = 5
+    return KafkaProducer(**{**_supported(KafkaProducer, config), **overrides})
+
+
+def publish(
+    producer: KafkaProducer, topic: str, key: str | None, msg: BaseModel, timeout_s: float = 30.0
+) -> RecordMetadata:
+    """Send ``msg`` (JSON) under ``key`` (UTF-8) and wait for the broker's acknowledgement.
+
+    Raises:
+        PublishError: naming topic and key, when the send fails or is not acknowledged in time.
+    """
+    try:
+        future = producer.send(topic, key=None if key is None else key.encode("utf-8"), value=encode(msg))
+        return future.get(timeout=timeout_s)
+    except KafkaError as exc:
+        raise PublishError(
+            f"publishing {type(msg).__name__} to {topic} (key {key!r}) failed: {exc!r}"
+        ) from exc
+
+
+def make_consumer(bootstrap: str, group_id: str, topics: Iterable[str], **overrides: Any) -> KafkaConsumer:
+    """A group consumer for at-least-once processing: nothing is committed until the caller
+    calls ``consumer.commit()``, a new group starts from the earliest offset, and one poll may
+    take up to 30 minutes of work before the group considers the consumer dead. Keys arrive
+    as ``str``, values as raw ``bytes`` (decode with ``isplit.messages.decode``).
+
+    For long work per record pass ``max_poll_records=1``. ``overrides`` are KafkaConsumer settings.
+    """
+    config: dict[str, Any] = {
+        "bootstrap_servers": bootstrap,
+        "group_id": group_id,
+        "client_id": group_id,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "max_poll_interval_ms": 30 * 60 * 1000,
+        "key_deserializer": _utf8_or_none,
+    }
+    return KafkaConsumer(*topics, **{**_supported(KafkaConsumer, config), **overrides})
+
+
+def dead_letter(
+    producer: KafkaProducer,
+    source_topic: str,
+    record: ConsumedRecord,
+    reason: str,
+    service: str,
+    timeout_s: float = 30.0,
+) -> RecordMetadata:
+    """Publish a ``DeadLetter`` holding ``record``'s original value bytes and ``reason`` to
+    ``isplit.dead-letter.v1``, keyed like the original record. Waits for the acknowledgement."""
+    key = record.key.decode("utf-8", errors="replace") if isinstance(record.key, bytes) else record.key
+    letter = DeadLetter.from_bytes(
+        record.value,
+        source_topic=source_topic,
+        partition=record.partition,
+        offset=record.offset,
+        key=key,
+        reason=reason,
+        service=service,
+    )
+    log.warning(
+        "dead-lettering %s[%s]@%s (key %r): %s", source_topic, record.partition, record.offset, key, reason
+    )
+    return publish(producer, TOPIC_DEAD_LETTER, key, letter, timeout_s=timeout_s)
+
+
+def kafka_reachable(bootstrap: str, timeout_s: float = 3.0) -> bool:
+    """True when a broker at ``bootstrap`` answers a metadata request within ``timeout_s``."""
+    try:
+        admin = _admin_client(bootstrap, "isplit-readiness", time.monotonic() + timeout_s, retry=False)
+    except TopicsError as exc:
+        log.debug("kafka at %s not reachable: %s", bootstrap, exc)
+        return False
+    try:
+        admin.list_topics()
+        return True
+    except (KafkaError, OSError) as exc:
+        log.debug("kafka at %s not answering: %r", bootstrap, exc)
+        return False
+    finally:
+        admin.close()
+
+
+# -- internals ---------------------------------------------------------------------------------
+
+
+def _admin_client(bootstrap: str, client_id: str, deadline: float, retry: bool = True) -> KafkaAdminClient:
+    """An admin client, retrying the bootstrap until ``deadline`` (time.monotonic seconds)."""
+    while True:
+        remaining_ms = max(int((deadline - time.monotonic()) * 1000), 500)
+        timeouts = {
+            "request_timeout_ms": remaining_ms,
+            "bootstrap_timeout_ms": remaining_ms,  # kafka-python 3.x
+            "api_version_auto_timeout_ms": remaining_ms,  # kafka-python 2.x
+        }
+        try:
+            config = {"bootstrap_servers": bootstrap, "client_id": client_id, **timeouts}
+            return KafkaAdminClient(**_supported(KafkaAdminClient, config))
+        except (KafkaError, OSError) as exc:
+            if not retry or time.monotonic() >= deadline:
+                raise TopicsError(f"no Kafka broker answered at {bootstrap}: {exc!r}") from exc
+            time.sleep(0.5)
+
+
+def _create_topics(admin: KafkaAdminClient, partitions: Mapping[str, int], replication_factor: int) -> None:
+    new_topics: Any
+    if _KAFKA_PYTHON_MAJOR >= 3:
+        new_topics = {
+            name: {"num_partitions": count, "replication_factor": replication_factor}
+            for name, count in partitions.items()
+        }
+    else:
+        from kafka.admin import NewTopic
+
+        new_topics = [NewTopic(name, count, replication_factor) for name, count in partitions.items()]
+    try:
+        admin.create_topics(new_topics)
+    except TopicAlreadyExistsError:
+        pass  # another process created them between list_topics and here
+    except KafkaError as exc:
+        raise TopicsError(f"creating topics {sorted(partitions)} failed: {exc!r}") from exc
+
+
+def _wait_for_leaders(admin: KafkaAdminClient, topics: list[str], deadline: float) -> dict[str, int]:
+    """topic -> partition count, once every partition of every topic has a leader."""
+    while True:
+        pending: dict[str, str] = {}
+        counts: dict[str, int] = {}
+        try:
+            described = admin.describe_topics(topics)
+        except KafkaError as exc:
+            described, pending["*"] = [], repr(exc)
+        by_name = {_field(t, "name", "topic"): t for t in described}
+        for name in topics:
+            info = by_name.get(name)
+            if info is None or info.get("error_code", 0) != 0 or not info.get("partitions"):
+                pending[name] = "not in metadata yet" if info is None else f"error {info.get('error_code')}"
+                continue
+            leaders = [_field(p, "leader_id", "leader") for p in info["partitions"]]
+            if any(leader is None or leader < 0 for leader in leaders):
+                pending[name] = "partition without leader"
+            counts[name] = len(leaders)
+        if not pending:
+            return counts
+        if time.monotonic() >= deadline:
+            raise TopicsError(f"topics not ready in time: {pending}")
+        time.sleep(0.2)
+
+
+def _field(item: Mapping[str, Any], new: str, old: str) -> Any:
+    """A metadata field under its kafka-python 3.x name, or its 2.x name."""
+    return item[new] if new in item else item.get(old)
+
+
+def _supported(client_cls: type, config: dict[str, Any]) -> dict[str, Any]:
+    """Our defaults without the settings the installed kafka-python lacks (it rejects them)."""
+    known = client_cls.DEFAULT_CONFIG
+    unknown = sorted(set(config) - set(known))
+    if unknown:
+        log.debug("%s: kafka-python %s has no setting(s) %s", client_cls.__name__, kafka.__version__, unknown)
+    return {key: value for key, value in config.items() if key in known}
+
+
+def _utf8_or_none(raw: bytes | None) -> str | None:
+    return None if raw is None else raw.decode("utf-8", errors="replace")

@@ -1,0 +1,216 @@
+"""The one command-line tool, ``isplit``.
+
+Subcommands: ``zoo list|train``, ``cuts``, ``analyze``, ``edge predict``, ``stack up|down|status``,
+``experiment sweep``. Errors a user can cause print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from isplit import IsplitError
+
+# Modules that add their own subcommands: each has ``register_cli(subparsers)``.
+_PLUGINS = ("isplit.edge", "isplit.stack", "isplit.experiment")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one readable line, exit 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _csv(text: str) -> list[str]:
+    return [t for t in (s.strip() for s in text.split(",")) if t]
+
+
+def cmd_zoo_list(args: argparse.Namespace) -> int:
+    from isplit.zoo import ARCHS
+
+    print("\n".join(ARCHS))
+    return 0
+
+
+def cmd_zoo_train(args: argparse.Namespace) -> int:
+    from isplit.checkpoint import ModelInfo, save_checkpoint
+    from isplit.data import load_dataset
+    from isplit.training import evaluate, pick_device, train_classifier
+    from isplit.zoo import build_model
+
+    train = load_dataset(args.dataset, "train", in_channels=args.in_channels)
+    test = load_dataset(args.dataset, "test", in_channels=args.in_channels)
+    if args.max_train_images:
+        train = train.subset(None, args.max_train_images)
+    mean, std = train.channel_stats()
+    model = build_model(
+        args.arch,
+        num_classes=len(train.class_names),
+        in_channels=train.in_channels,
+        input_size=args.input_size,
+        width=args.width,
+    )
+    device = pick_device(args.device)
+    print(f"training {args.arch} (width {args.width}) on {args.dataset}: {len(train)} images, {device}")
+    stats = train_classifier(
+        model,
+        train,
+        input_size=args.input_size,
+        mean=mean,
+        std=std,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        device=device,
+        seed=args.seed,
+    )
+    acc = evaluate(model, test.batches(256, input_size=args.input_size, mean=mean, std=std), device)
+    info = ModelInfo(
+        arch=args.arch,
+        num_classes=len(train.class_names),
+        in_channels=train.in_channels,
+        input_size=args.input_size,
+        width=args.width,
+        class_names=train.class_names,
+        mean=mean,
+        std=std,
+        dataset=args.dataset,
+        test_accuracy=acc,
+        epochs=args.epochs,
+        extra={"train_seconds": round(stats["seconds"], 2), "train_images": len(train)},
+    )
+    save_checkpoint(Path(args.out), model.cpu(), info)
+    print(f"test accuracy {acc:.4f} on {len(test)} images; {stats['samples_per_second']:.0f} samples/s")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_cuts(args: argparse.Namespace) -> int:
+    from isplit.checkpoint import load_model
+    from isplit.cuts import find_cut_points
+    from isplit.zoo import build_model
+
+    if args.weights:
+        model, info = load_model(Path(args.weights), arch=args.arch)
+        shape = (info.in_channels, info.input_size, info.input_size)
+    else:
+        if not args.arch:
+            raise IsplitError("give --arch or --weights")
+        model = build_model(
+            args.arch,
+            num_classes=args.num_classes,
+            in_channels=args.in_channels,
+            input_size=args.input_size,
+            width=args.width,
+        )
+        shape = (args.in_channels, args.input_size, args.input_size)
+    points = find_cut_points(model, shape)
+    print(f"{'module':<28} {'kind':<22} {'output shape':<16} {'bytes/img':>10}  skipped")
+    for p in points:
+        shape_text = "x".join(map(str, p.output_shape))
+        print(f"{p.module:<28} {p.kind:<22} {shape_text:<16} {p.output_bytes:>10}  {'yes' if p.skipped else ''}")
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from isplit.analysis import run_analysis, write_report
+
+    result = run_analysis(
+        Path(args.weights),
+        args.dataset,
+        arch=args.arch,
+        classes=_csv(args.classes) if args.classes else None,
+        max_images=args.max_images,
+        batch_size=args.batch_size,
+        target=args.target,
+        device=args.device,
+        progress=True,
+    )
+    paths = write_report(result, Path(args.out))
+    curve = result.curve
+    print(f"analysed {curve.num_images} images in {result.seconds:.2f} s ({result.images_per_second:.0f} img/s)")
+    print(f"best cut: {curve.best}; candidates: {', '.join(curve.candidates) or '(none)'}")
+    print(f"size baseline (smallest output first): {', '.join(curve.size_ranking[:5])}")
+    for p in curve.points:
+        if not p.skipped:
+            flag = " *best" if p.module == curve.best else (" ^cand" if p.module in curve.candidates else "")
+            print(f"  {p.module:<28} log10 CUI {p.log10_cui:8.3f}  {p.output_bytes:>9} B{flag}")
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    if args.json:
+        print(json.dumps(result.model_dump(mode="json")))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="isplit", description="I-SPLIT split computing: analyse, train, serve, call.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    zoo = sub.add_parser("zoo", help="reference models").add_subparsers(dest="zoo_command", required=True)
+    zoo.add_parser("list", help="architectures isplit can build").set_defaults(func=cmd_zoo_list)
+    tr = zoo.add_parser("train", help="train a reference model and write a checkpoint")
+    tr.add_argument("--arch", required=True)
+    tr.add_argument("--dataset", required=True, help="fashion-mnist | digits | imagefolder:<path>")
+    tr.add_argument("--input-size", type=int, default=32)
+    tr.add_argument("--in-channels", type=int, default=None, help="image folders only (default 3)")
+    tr.add_argument("--width", type=float, default=1.0, help="VGG channel multiplier (narrow variants)")
+    tr.add_argument("--epochs", type=int, default=3)
+    tr.add_argument("--batch-size", type=int, default=128)
+    tr.add_argument("--lr", type=float, default=2e-3)
+    tr.add_argument("--max-train-images", type=int, default=None)
+    tr.add_argument("--device", default="auto")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--out", required=True)
+    tr.set_defaults(func=cmd_zoo_train)
+
+    cuts = sub.add_parser("cuts", help="list the single-tensor cut points of a model")
+    cuts.add_argument("--arch")
+    cuts.add_argument("--weights")
+    cuts.add_argument("--num-classes", type=int, default=10)
+    cuts.add_argument("--in-channels", type=int, default=3)
+    cuts.add_argument("--input-size", type=int, default=224)
+    cuts.add_argument("--width", type=float, default=1.0)
+    cuts.set_defaults(func=cmd_cuts)
+
+    an = sub.add_parser("analyze", help="I-SPLIT importance curve, candidates and plots")
+    an.add_argument("--arch", help="checked against the checkpoint")
+    an.add_argument("--weights", required=True)
+    an.add_argument("--dataset", required=True)
+    an.add_argument("--classes", help="comma-separated class indices or names (default: all)")
+    an.add_argument("--max-images", type=int, default=1000)
+    an.add_argument("--batch-size", type=int, default=64)
+    an.add_argument("--target", choices=["label", "predicted"], default="label")
+    an.add_argument("--device", default="auto")
+    an.add_argument("--out", required=True)
+    an.add_argument("--json", action="store_true", help="also print result.json to stdout")
+    an.set_defaults(func=cmd_analyze)
+
+    for name in _PLUGINS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        module.register_cli(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except IsplitError as exc:
+        print(f"isplit: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("isplit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
