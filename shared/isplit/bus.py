@@ -2,7 +2,7 @@
 
 The consumer loop every service uses (offsets committed only after the work is published):
 
-    consumer = make_consumer(bootstrap, "isplit-trainer", [TOPIC_CANDIDATES], max_poll_records=1)
+    consumer = make_consumer(bootstrap, "isplit-trainer", [TOPIC_CANDIDATES])
     producer = make_producer(bootstrap, "isplit-trainer")
     for record in consumer:
         try:
@@ -27,6 +27,7 @@ import kafka
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 from kafka.producer.future import RecordMetadata
+from kafka.serializer import Deserializer
 from pydantic import BaseModel
 
 from isplit.messages import TOPIC_DEAD_LETTER, TOPIC_PARTITIONS, DeadLetter, encode
@@ -127,11 +128,14 @@ def publish(
 
 def make_consumer(bootstrap: str, group_id: str, topics: Iterable[str], **overrides: Any) -> KafkaConsumer:
     """A group consumer for at-least-once processing: nothing is committed until the caller
-    calls ``consumer.commit()``, a new group starts from the earliest offset, and one poll may
+    calls ``consumer.commit()``, a new group starts from the earliest offset, and one record may
     take up to 30 minutes of work before the group considers the consumer dead. Keys arrive
     as ``str``, values as raw ``bytes`` (decode with ``isplit.messages.decode``).
 
-    For long work per record pass ``max_poll_records=1``. ``overrides`` are KafkaConsumer settings.
+    Each poll returns at most one record (``max_poll_records=1``): ``commit()`` commits the
+    position after everything polled so far, so committing after each processed record never
+    commits a record that was fetched but not yet processed. ``overrides`` are KafkaConsumer
+    settings.
     """
     config: dict[str, Any] = {
         "bootstrap_servers": bootstrap,
@@ -140,7 +144,8 @@ def make_consumer(bootstrap: str, group_id: str, topics: Iterable[str], **overri
         "enable_auto_commit": False,
         "auto_offset_reset": "earliest",
         "max_poll_interval_ms": 30 * 60 * 1000,
-        "key_deserializer": _utf8_or_none,
+        "max_poll_records": 1,
+        "key_deserializer": Utf8KeyDeserializer(),
     }
     return KafkaConsumer(*topics, **{**_supported(KafkaConsumer, config), **overrides})
 
@@ -268,5 +273,10 @@ def _supported(client_cls: type, config: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in config.items() if key in known}
 
 
-def _utf8_or_none(raw: bytes | None) -> str | None:
-    return None if raw is None else raw.decode("utf-8", errors="replace")
+class Utf8KeyDeserializer(Deserializer):
+    """Record keys as ``str`` (None stays None); undecodable bytes become U+FFFD."""
+
+    def deserialize(self, topic: str, *headers_and_data: Any) -> str | None:
+        # kafka-python 3.x passes (topic, headers, data), 2.x passes (topic, data).
+        data = headers_and_data[-1]
+        return None if data is None else data.decode("utf-8", errors="replace")

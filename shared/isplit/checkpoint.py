@@ -67,7 +67,9 @@ def load_model(path: Path, *, arch: str | None = None) -> tuple[nn.Module, Model
     """
     info, state = read_checkpoint(path)
     if info is None:
-        raise IsplitError(f"weights file {path} is a bare state_dict; isplit needs a checkpoint from `isplit zoo train`")
+        raise IsplitError(
+            f"weights file {path} is a bare state_dict; isplit needs a checkpoint from `isplit zoo train`"
+        )
     if arch is not None and arch != info.arch:
         raise IsplitError(f"weights file {path} holds a {info.arch!r} model, not {arch!r}")
     model = build_model(

@@ -83,9 +83,7 @@ def _single_tensor_cuts(module: nn.Module, prefix: str) -> list[tuple[str, bool]
         is_output = node in output_node
         single_after = live_after == [node]
         # Descend only when the child's one input is alive nowhere else (no skip around it).
-        enters_alone = (
-            len(live_before) == 1 and live_before == node.all_input_nodes and last_use[live_before[0]] == i
-        )
+        enters_alone = len(live_before) == 1 and live_before == node.all_input_nodes and last_use[live_before[0]] == i
         inner: list[tuple[str, bool]] = []
         if enters_alone and len(list(child.children())) > 0:
             inner = _single_tensor_cuts(child, name + ".")

@@ -109,9 +109,7 @@ class ImageSet:
         return [round(float(v), 4) for v in mean], [round(float(v), 4) for v in std]
 
 
-def to_model_input(
-    images: torch.Tensor, input_size: int, mean: Sequence[float], std: Sequence[float]
-) -> torch.Tensor:
+def to_model_input(images: torch.Tensor, input_size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """Resize and normalise images: ``(N, C, H, W)`` uint8 -> ``(N, C, S, S)`` float32.
 
     Bilinear with antialiasing; pixel values scaled to [0, 1] then ``(x - mean) / std``.

@@ -85,10 +85,7 @@ class ImportanceCurve(BaseModel):
         """Non-skipped cuts, best first: local maxima by CUI, then the other points by CUI."""
         active = [p for p in self.points if not p.skipped]
         cands = set(self.candidates)
-        return [
-            p.module
-            for p in sorted(active, key=lambda p: (p.module not in cands, -p.log10_cui))
-        ]
+        return [p.module for p in sorted(active, key=lambda p: (p.module not in cands, -p.log10_cui))]
 
 
 @dataclass
@@ -289,9 +286,7 @@ def curve_from_stats(stats: ImportanceStats, classes: Sequence[int] | None = Non
     points = [
         CutScore(**p.model_dump(), cui=v, log10_cui=log10_cui(v)) for p, v in zip(stats.points, values, strict=True)
     ]
-    per_class = {
-        str(k): _class_curve(stats, [k]) for k in range(stats.counts.numel()) if int(stats.counts[k]) > 0
-    }
+    per_class = {str(k): _class_curve(stats, [k]) for k in range(stats.counts.numel()) if int(stats.counts[k]) > 0}
     active = [p for p in stats.points if not p.skipped]
     size_ranking = [p.module for p in sorted(active, key=lambda p: p.output_bytes)]
     return ImportanceCurve(

@@ -186,3 +186,39 @@ prometheus.io/path: {{ .path | quote }}
 {{- fail "trainer.executor=kubernetes needs a ServiceAccount allowed to create Jobs: set trainer.serviceAccount.create=true or name an existing one" -}}
 {{- end -}}
 {{- end -}}
+
+{{/* An IntOrString value: integers unquoted, percentages ("50%") quoted. */}}
+{{- define "isplit.intOrPercent" -}}
+{{- if kindIs "string" . -}}
+{{- . | quote -}}
+{{- else -}}
+{{- int64 . -}}
+{{- end -}}
+{{- end -}}
+
+{{/* NetworkPolicy egress rules shared by the components. */}}
+{{- define "isplit.np.dnsEgress" -}}
+- to:
+    - namespaceSelector:
+        matchLabels:
+          {{- toYaml .Values.networkPolicy.dns.namespaceSelector | nindent 10 }}
+      podSelector:
+        matchLabels:
+          {{- toYaml .Values.networkPolicy.dns.podSelector | nindent 10 }}
+  ports:
+    - port: 53
+      protocol: UDP
+    - port: 53
+      protocol: TCP
+{{- end -}}
+{{- define "isplit.np.kafkaEgress" -}}
+- ports:
+    {{- range .Values.networkPolicy.kafka.ports }}
+    - port: {{ . }}
+      protocol: TCP
+    {{- end }}
+  {{- with .Values.networkPolicy.kafka.to }}
+  to:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end -}}

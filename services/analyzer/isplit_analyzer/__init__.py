@@ -1,0 +1,1 @@
+"""isplit analyzer: analysis jobs over HTTP; publishes split candidates to Kafka."""

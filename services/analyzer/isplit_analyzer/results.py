@@ -1,0 +1,90 @@
+"""Consumes ``isplit.training-results.v1`` and attaches measurements to candidates."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from typing import Any
+
+from isplit.bus import dead_letter, make_consumer, make_producer
+from isplit.messages import TOPIC_RESULTS, MessageError, TrainingResult, decode
+from sqlalchemy import update
+from sqlalchemy.orm import Session, sessionmaker
+
+from isplit_analyzer import metrics
+from isplit_analyzer.store import CandidateRow
+
+log = logging.getLogger("isplit.analyzer.results")
+
+
+def attach_result(sessions: sessionmaker[Session], result: TrainingResult) -> bool:
+    """Store ``result`` on its candidate (idempotent: the latest result wins); False if unknown."""
+    with sessions.begin() as s:
+        n = s.execute(
+            update(CandidateRow)
+            .where(CandidateRow.candidate_id == result.candidate_id)
+            .values(result=result.model_dump(mode="json"))
+        ).rowcount
+    return bool(n)
+
+
+class ResultsConsumer:
+    """A background thread: poll, attach, commit; unreadable records go to the dead-letter topic."""
+
+    def __init__(self, bootstrap: str, group: str, sessions: sessionmaker[Session]) -> None:
+        self.bootstrap = bootstrap
+        self.group = group
+        self.sessions = sessions
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.connected = False
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="results-consumer", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        consumer: Any = None
+        producer: Any = None
+        while not self._stop.is_set():
+            try:
+                if consumer is None:
+                    consumer = make_consumer(self.bootstrap, self.group, [TOPIC_RESULTS])
+                    producer = make_producer(self.bootstrap, client_id="isplit-analyzer-dlq")
+                    self.connected = True
+                batch = consumer.poll(timeout_ms=500)
+                for records in batch.values():
+                    for record in records:
+                        self._handle(record, producer)
+                if batch:
+                    consumer.commit()
+            except Exception as exc:  # broker gone: reconnect after a pause
+                log.warning("results consumer: %s; reconnecting", exc)
+                self.connected = False
+                for client in (consumer, producer):
+                    if client is not None:
+                        with contextlib.suppress(Exception):
+                            client.close()
+                consumer = producer = None
+                self._stop.wait(2)
+        if consumer is not None:
+            consumer.close()
+        if producer is not None:
+            producer.close()
+
+    def _handle(self, record: Any, producer: Any) -> None:
+        try:
+            result = decode(TrainingResult, record.value)
+        except MessageError as exc:
+            dead_letter(producer, TOPIC_RESULTS, record, str(exc), "isplit-analyzer")
+            return
+        if attach_result(self.sessions, result):
+            metrics.RESULTS_CONSUMED.inc()
+        else:
+            log.info("result for unknown candidate %s ignored", result.candidate_id)

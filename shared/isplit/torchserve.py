@@ -1,0 +1,240 @@
+"""TorchServe helpers: package a tail as a ``.mar``, (un)register it, and call it.
+
+A tail is served by TorchServe with the isplit handler
+(``services/tail-serving/isplit_tail_handler.py``). The handler file is found, in order, at
+``$ISPLIT_TAIL_HANDLER`` or at ``services/tail-serving/isplit_tail_handler.py`` in the source
+tree this package was installed from (an editable install, as ``make setup`` does); an
+installation without the source tree (e.g. a container image) must set ``ISPLIT_TAIL_HANDLER``.
+
+The TorchServe worker that runs the handler must be able to ``import isplit`` (TorchServe runs
+in the project venv locally, and the tail-serving image installs ``isplit``): the archive holds
+the handler, ``tail.pt`` and ``tail.json``, not the library.
+
+URLs: ``management_url`` is the management API base (``http://127.0.0.1:8081``),
+``inference_base`` the inference API base (``http://127.0.0.1:8080``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from urllib.parse import quote
+
+import requests
+
+from isplit import IsplitError
+
+HANDLER_ENV = "ISPLIT_TAIL_HANDLER"
+# TorchServe 0.12 ignores query parameters on /predictions/<model>; the handler reads a header.
+TOP_K_HEADER = "X-Isplit-Top-K"
+_REPO_HANDLER = Path(__file__).resolve().parents[2] / "services" / "tail-serving" / "isplit_tail_handler.py"
+# TorchServe's own rule for model names (ModelArchive.validateModelName).
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-.]*$")
+
+
+class TorchServeError(RuntimeError):
+    """TorchServe refused a call or could not be reached.
+
+    ``status`` is the HTTP status (``None`` when no answer came) and ``message`` the server's
+    own message (the handler's reason for a 400).
+    """
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(f"{message} (HTTP {status})" if status is not None else message)
+        self.status = status
+        self.message = message
+
+
+def default_handler_path() -> Path:
+    """The tail handler file: ``$ISPLIT_TAIL_HANDLER``, else the one in the source tree."""
+    configured = os.environ.get(HANDLER_ENV)
+    path = Path(configured) if configured else _REPO_HANDLER
+    if not path.is_file():
+        source = f"{HANDLER_ENV}={configured}" if configured else "the isplit source tree"
+        raise IsplitError(f"tail handler not found at {path} (from {source}); set {HANDLER_ENV} to its path")
+    return path
+
+
+def build_mar(
+    tail_pt: Path,
+    tail_json: Path,
+    model_name: str,
+    version: str,
+    export_dir: Path,
+    handler: Path | None = None,
+) -> Path:
+    """Package a tail as ``export_dir/<model_name>.mar`` and return its path.
+
+    The archive holds ``tail.pt`` (serialized file), ``tail.json`` (extra file) and the handler
+    (default :func:`default_handler_path`), whatever the input files are called. An existing
+    archive is replaced atomically, so a server reading the store never sees half a file.
+    """
+    _check_model_name(model_name)
+    handler = Path(handler) if handler is not None else default_handler_path()
+    for path in (Path(tail_pt), Path(tail_json), handler):
+        if not path.is_file():
+            raise IsplitError(f"cannot build {model_name}.mar: {path} does not exist")
+    # Imported here: the archiver is a serving-side dependency, not needed to decode or train.
+    from model_archiver.model_archiver import ModelArchiver
+    from model_archiver.model_archiver_config import ModelArchiverConfig
+
+    export_dir = Path(export_dir)
+    export_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=export_dir, prefix=f".{model_name}.") as scratch:
+        staged = Path(scratch)
+        shutil.copyfile(tail_pt, staged / "tail.pt")
+        shutil.copyfile(tail_json, staged / "tail.json")
+        ModelArchiver.generate_model_archive(
+            ModelArchiverConfig(
+                model_name=model_name,
+                handler=str(handler),
+                version=str(version),
+                serialized_file=str(staged / "tail.pt"),
+                extra_files=str(staged / "tail.json"),
+                export_path=str(staged),
+                archive_format="default",
+                force=True,
+            )
+        )
+        target = export_dir / f"{model_name}.mar"
+        os.replace(staged / f"{model_name}.mar", target)
+    return target
+
+
+def register(
+    management_url: str,
+    mar_name: str,
+    model_name: str,
+    *,
+    version: str | None = None,
+    batch_size: int = 8,
+    max_batch_delay_ms: int = 5,
+    initial_workers: int = 1,
+    timeout_s: float = 120,
+) -> None:
+    """Register ``mar_name`` (a file in the model store) as ``model_name`` and wait for its workers.
+
+    Idempotent: if ``model_name`` is already served from ``mar_name`` (and, when ``version`` is
+    given, with that version) nothing happens. A newly registered version becomes the default.
+    ``max_batch_delay_ms`` is how long TorchServe waits to fill a batch of ``batch_size``.
+    Raises :class:`TorchServeError` with the server's message when TorchServe refuses.
+    """
+    _check_model_name(model_name)
+    if _registered(_describe(management_url, model_name, timeout_s), mar_name, version):
+        return
+    params = {
+        "url": mar_name,
+        "model_name": model_name,
+        "batch_size": batch_size,
+        "max_batch_delay": max_batch_delay_ms,
+        "initial_workers": initial_workers,
+        "synchronous": "true",
+        "response_timeout": int(timeout_s),
+    }
+    response = _call("POST", f"{_base(management_url)}/models", params=params, timeout_s=timeout_s + 10)
+    versions = _describe(management_url, model_name, timeout_s)
+    if response.status_code == 409 and _registered(versions, mar_name, version):
+        return  # registered concurrently by someone else: the state we want
+    _raise_for_status(response, f"registering {mar_name} as {model_name}")
+    new = [v for v in versions if v.get("modelUrl") == mar_name]
+    if len(versions) > 1 and new:
+        path = f"/models/{quote(model_name)}/{quote(str(new[0]['modelVersion']))}/set-default"
+        _raise_for_status(
+            _call("PUT", _base(management_url) + path, timeout_s=timeout_s), "setting the default version"
+        )
+
+
+def unregister(management_url: str, model_name: str, version: str | None = None, *, timeout_s: float = 60) -> None:
+    """Unregister one ``version`` of ``model_name``, or every version; absent models are fine."""
+    versions = _describe(management_url, model_name, timeout_s)
+    if version is not None:
+        versions = [v for v in versions if str(v.get("modelVersion")) == str(version)]
+    # TorchServe refuses to drop the default version while others remain: drop it last.
+    for entry in sorted(versions, key=lambda v: bool(v.get("isDefault"))):
+        url = f"{_base(management_url)}/models/{quote(model_name)}/{quote(str(entry['modelVersion']))}"
+        response = _call("DELETE", url, timeout_s=timeout_s)
+        if response.status_code != 404:
+            _raise_for_status(response, f"unregistering {model_name} version {entry['modelVersion']}")
+
+
+def inference_url(base: str, model_name: str) -> str:
+    """The predictions URL of a model: ``<base>/predictions/<model_name>``."""
+    return f"{_base(base)}/predictions/{quote(model_name)}"
+
+
+def predict(
+    inference_base: str, model_name: str, payload: bytes, timeout_s: float = 30, *, top_k: int | None = None
+) -> dict:
+    """POST a wire message (:func:`isplit.wire.encode`) to a tail; return its JSON answer.
+
+    The answer is ``{"model": name, "predictions": ...}`` (see the handler); ``top_k`` asks for
+    that many classes per image (sent as the ``X-Isplit-Top-K`` header). Raises
+    :class:`TorchServeError` with the server's message on 4xx/5xx or when unreachable.
+    """
+    headers = {"Content-Type": "application/octet-stream"}
+    if top_k is not None:
+        headers[TOP_K_HEADER] = str(top_k)
+    response = _call(
+        "POST", inference_url(inference_base, model_name), data=payload, headers=headers, timeout_s=timeout_s
+    )
+    _raise_for_status(response, f"prediction by {model_name}")
+    return response.json()
+
+
+def is_healthy(inference_base: str, timeout_s: float = 2) -> bool:
+    """Whether ``GET <inference_base>/ping`` answers ``{"status": "Healthy"}``."""
+    try:
+        response = requests.get(f"{_base(inference_base)}/ping", timeout=timeout_s)
+        return response.ok and response.json().get("status") == "Healthy"
+    except (requests.RequestException, ValueError):
+        return False
+
+
+def _check_model_name(model_name: str) -> None:
+    if not _MODEL_NAME.match(model_name):
+        raise IsplitError(
+            f"invalid TorchServe model name {model_name!r}: use letters, digits, '_', '-' and '.', "
+            "starting with a letter or digit"
+        )
+
+
+def _base(url: str) -> str:
+    return url.rstrip("/")
+
+
+def _call(method: str, url: str, *, timeout_s: float, **kwargs) -> requests.Response:
+    try:
+        return requests.request(method, url, timeout=timeout_s, **kwargs)
+    except requests.RequestException as exc:
+        raise TorchServeError(f"cannot reach TorchServe at {url}: {exc}") from exc
+
+
+def _describe(management_url: str, model_name: str, timeout_s: float) -> list[dict]:
+    """Every registered version of ``model_name`` (TorchServe's describe entries); [] if none."""
+    response = _call("GET", f"{_base(management_url)}/models/{quote(model_name)}/all", timeout_s=timeout_s)
+    if response.status_code == 404:
+        return []
+    _raise_for_status(response, f"describing {model_name}")
+    return response.json()
+
+
+def _registered(versions: list[dict], mar_name: str, version: str | None) -> bool:
+    return any(
+        v.get("modelUrl") == mar_name and (version is None or str(v.get("modelVersion")) == str(version))
+        for v in versions
+    )
+
+
+def _raise_for_status(response: requests.Response, action: str) -> None:
+    if response.status_code < 400:
+        return
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    message = body.get("message") if isinstance(body, dict) else None
+    message = message or response.text.strip() or response.reason
+    raise TorchServeError(f"TorchServe refused {action}: {message}", status=response.status_code)
