@@ -21,12 +21,22 @@ def _names(points) -> list[str]:
     return [p.module for p in points]
 
 
+@pytest.fixture(scope="module")
+def vgg11() -> nn.Module:
+    return build_model("vgg11", num_classes=10, in_channels=1, input_size=32, width=0.25)
+
+
+@pytest.fixture(scope="module")
+def vgg11_bn() -> nn.Module:
+    return build_model("vgg11_bn", num_classes=10, in_channels=1, input_size=32, width=0.125)
+
+
 # -- VGG ------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("arch", ["vgg11", "vgg11_bn"])
-def test_vgg_cuts_after_every_layer_of_features_and_classifier_but_the_output(arch):
-    model = build_model(arch, num_classes=10, in_channels=1, input_size=32, width=0.125)
+def test_vgg_cuts_after_every_layer_of_features_and_classifier_but_the_output(arch, request):
+    model = request.getfixturevalue(arch)
     points = find_cut_points(model, (1, 32, 32))
     expected = (
         [f"features.{i}" for i in range(len(model.features))]
@@ -36,8 +46,8 @@ def test_vgg_cuts_after_every_layer_of_features_and_classifier_but_the_output(ar
     assert _names(points) == expected
 
 
-def test_vgg_flags_relu_batchnorm_and_dropout_as_skipped_and_nothing_else():
-    model = build_model("vgg11_bn", num_classes=10, in_channels=1, input_size=32, width=0.125)
+def test_vgg_flags_relu_batchnorm_and_dropout_as_skipped_and_nothing_else(vgg11_bn):
+    model = vgg11_bn
     points = find_cut_points(model, (1, 32, 32))
     for p in points:
         assert p.kind == type(model.get_submodule(p.module)).__name__
@@ -46,9 +56,8 @@ def test_vgg_flags_relu_batchnorm_and_dropout_as_skipped_and_nothing_else():
     assert {p.kind for p in points if not p.skipped} == {"Conv2d", "MaxPool2d", "AdaptiveAvgPool2d", "Linear"}
 
 
-def test_vgg_output_shapes_and_fp32_bytes():
-    model = build_model("vgg11", num_classes=10, in_channels=1, input_size=32, width=0.25)
-    points = {p.module: p for p in find_cut_points(model, (1, 32, 32))}
+def test_vgg_output_shapes_and_fp32_bytes(vgg11):
+    points = {p.module: p for p in find_cut_points(vgg11, (1, 32, 32))}
     assert points["features.0"].output_shape == [16, 32, 32]  # 64 * 0.25 channels, full size
     assert points["features.2"].output_shape == [16, 16, 16]  # after the first max-pool
     assert points["avgpool"].output_shape == [128, 1, 1]
@@ -58,8 +67,8 @@ def test_vgg_output_shapes_and_fp32_bytes():
         assert p.output_bytes == 4 * math.prod(p.output_shape)
 
 
-def test_cut_shapes_are_the_real_forward_shapes():
-    model = build_model("vgg11", num_classes=10, in_channels=1, input_size=32, width=0.125).eval()
+def test_cut_shapes_are_the_real_forward_shapes(vgg11):
+    model = vgg11
     points = find_cut_points(model, (1, 32, 32))
     seen: dict[str, list[int]] = {}
     handles = [
@@ -69,7 +78,8 @@ def test_cut_shapes_are_the_real_forward_shapes():
         for p in points
     ]
     with torch.no_grad():
-        model(torch.zeros(3, 1, 32, 32))
+        model.eval()(torch.zeros(3, 1, 32, 32))
+    model.train()
     for h in handles:
         h.remove()
     assert {p.module: p.output_shape for p in points} == seen
@@ -91,9 +101,10 @@ def test_resnet_cuts_are_stem_layers_blocks_and_avgpool(arch, blocks):
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
-def test_resnet_never_cuts_inside_a_residual_block(arch):
-    model = build_model(arch, num_classes=10, in_channels=3, input_size=224)
-    for name in _names(find_cut_points(model, (3, 224, 224))):
+def test_resnet_with_imagenet_stem_never_cuts_inside_a_residual_block(arch):
+    model = build_model(arch, num_classes=10, in_channels=3, input_size=96)
+    assert isinstance(model.maxpool, nn.MaxPool2d)
+    for name in _names(find_cut_points(model, (3, 96, 96))):
         assert BLOCK_LEVEL.match(name), f"{name} is inside a residual block"
 
 
@@ -156,10 +167,10 @@ def test_the_final_output_layer_is_never_a_cut():
     assert _names(find_cut_points(model, (1, 8, 8))) == ["0", "1"]
 
 
-def test_find_cut_points_leaves_train_mode_as_it_was():
-    model = build_model("vgg11", num_classes=10, in_channels=1, input_size=32, width=0.125).train()
-    find_cut_points(model, (1, 32, 32))
-    assert model.training
+def test_find_cut_points_leaves_train_mode_as_it_was(vgg11_bn):
+    vgg11_bn.train()
+    find_cut_points(vgg11_bn, (1, 32, 32))
+    assert vgg11_bn.training and all(m.training for m in vgg11_bn.modules())
 
 
 class _DataDependent(nn.Module):

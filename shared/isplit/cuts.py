@@ -149,3 +149,48 @@ def _output_shapes(model: nn.Module, names: list[str], input_shape: tuple[int, i
         for h in handles:
             h.remove()
     return shapes
+
+
+class _CutLeafTracer(fx.Tracer):
+    """The default tracer, with the cut module kept whole (a block stays one node)."""
+
+    def __init__(self, cut: str) -> None:
+        super().__init__()
+        self.cut = cut
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return module_qualified_name == self.cut or super().is_leaf_module(m, module_qualified_name)
+
+
+def split_at(model: nn.Module, cut: str) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """Split ``model`` after the module ``cut`` into ``(head, tail)`` with ``tail(head(x)) == model(x)``.
+
+    Both share the original parameters (no copy). Raises ``IsplitError`` when ``cut`` is not a
+    module of the model or not a single-tensor cut point.
+    """
+    names = {n for n, _ in model.named_modules()}
+    if cut not in names:
+        raise IsplitError(f"cut {cut!r} is not a module of this model")
+    graph = _CutLeafTracer(cut).trace(model)
+    nodes = list(graph.nodes)
+    cut_nodes = [n for n in nodes if n.op == "call_module" and n.target == cut]
+    if len(cut_nodes) != 1:
+        raise IsplitError(f"cut {cut!r} is called {len(cut_nodes)} times in the forward pass; not a cut point")
+    cut_node = cut_nodes[0]
+    position = nodes.index(cut_node)
+    before = set(nodes[: position + 1])
+    for node in nodes[position + 1 :]:
+        if any(arg in before and arg is not cut_node for arg in node.all_input_nodes):
+            raise IsplitError(f"cut {cut!r} is not a single-tensor cut point (a skip connection crosses it)")
+
+    head_graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in nodes[: position + 1]:
+        env[node] = head_graph.node_copy(node, lambda n: env[n])
+    head_graph.output(env[cut_node])
+
+    tail_graph = fx.Graph()
+    env = {cut_node: tail_graph.placeholder("code")}
+    for node in nodes[position + 1 :]:
+        env[node] = tail_graph.node_copy(node, lambda n: env[n])
+    return fx.GraphModule(model, head_graph, "Head"), fx.GraphModule(model, tail_graph, "Tail")

@@ -78,7 +78,7 @@ def train_classifier(
             loss.backward()
             opt.step()
             sched.step()
-            running += float(loss) * labels.numel()
+            running += float(loss.detach()) * labels.numel()
             n += labels.numel()
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{running / n:.3f}")

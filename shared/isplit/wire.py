@@ -96,9 +96,7 @@ def encode(tensor: torch.Tensor, encoding: str = "fp16", *, compress: bool = Fal
     if tensor.dim() > MAX_NDIM:
         raise WireError(f"cannot encode a tensor with {tensor.dim()} dims; at most {MAX_NDIM} are allowed")
     if encoding == "int8-channel" and tensor.dim() < 2:
-        raise WireError(
-            f"int8-channel quantises over dim 1 and needs >= 2 dims, got shape {tuple(tensor.shape)}"
-        )
+        raise WireError(f"int8-channel quantises over dim 1 and needs >= 2 dims, got shape {tuple(tensor.shape)}")
 
     values = tensor.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
     qparams = b""
@@ -171,6 +169,9 @@ def decode(
             f"oversized tensor: shape {shape} decodes to {numel * 4} bytes of float32, "
             f"over the limit of {max_bytes} bytes"
         )
+    if math.prod(max(d, 1) for d in shape) * 4 > max_bytes:
+        # An empty dim does not excuse huge ones (numpy and torch cannot hold such shapes).
+        raise WireError(f"oversized shape {shape}: its non-empty dims alone exceed the limit of {max_bytes} bytes")
 
     scales = zero_points = None
     if encoding in ("int8", "int8-channel"):
@@ -241,15 +242,11 @@ def _check_encoding(encoding: str) -> None:
 
 def _need(view, end: int, what: str) -> None:
     if len(view) < end:
-        raise WireError(
-            f"truncated message: expected at least {end} bytes to read the {what}, got {len(view)}"
-        )
+        raise WireError(f"truncated message: expected at least {end} bytes to read the {what}, got {len(view)}")
 
 
 def _shape_matches(shape: tuple[int, ...], expected: Sequence[int | None]) -> bool:
-    return len(shape) == len(expected) and all(
-        e is None or e == s for s, e in zip(shape, expected, strict=True)
-    )
+    return len(shape) == len(expected) and all(e is None or e == s for s, e in zip(shape, expected, strict=True))
 
 
 def _format_shape(shape: Sequence[int | None]) -> str:
@@ -316,9 +313,7 @@ def _quantise_int8(values: np.ndarray, axis: int | None) -> tuple[np.ndarray, np
     exact = (hi - lo) / _INT8_LEVELS
     scale = exact.astype(np.float32)
     scale = np.where(scale < exact, np.nextafter(scale, np.float32(np.inf)), scale)
-    scale = np.where(hi == lo, np.float32(1.0), np.maximum(scale, np.finfo(np.float32).tiny)).astype(
-        np.float32
-    )
+    scale = np.where(hi == lo, np.float32(1.0), np.maximum(scale, np.finfo(np.float32).tiny)).astype(np.float32)
     zero_point = np.clip(np.round(-127.0 - lo / scale), -128, 127)
     scale_b = scale.astype(np.float64).reshape(bshape)
     q = np.clip(np.round(wide / scale_b) + zero_point.reshape(bshape), -128, 127).astype(np.int8)

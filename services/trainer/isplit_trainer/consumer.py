@@ -1,0 +1,158 @@
+"""The trainer's consumer loop: poll, process off the poll loop, publish, then commit.
+
+While a candidate trains (minutes), its partitions are paused and the loop keeps polling, so
+the group never sees a stalled member and no rebalance hands the work to someone else. The
+offset is committed only after the result (or dead letter) is published. SIGTERM abandons
+the current candidate (not committed, so it is redelivered) and exits cleanly.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from isplit.bus import dead_letter, ensure_topics, make_consumer, make_producer, publish
+from isplit.messages import TOPIC_CANDIDATES, TOPIC_RESULTS, MessageError, SplitCandidate, TrainingResult, decode
+from isplit.retrain import Abandoned
+from kafka.structs import OffsetAndMetadata, TopicPartition
+
+from isplit_trainer import metrics
+from isplit_trainer.config import Settings
+from isplit_trainer.executors import Executor, make_executor
+from isplit_trainer.pipeline import CandidateError, candidate_dir, existing_result
+
+log = logging.getLogger("isplit.trainer")
+COMMIT, RETRY, ABANDON = "commit", "retry", "abandon"
+SERVICE = "isplit-trainer"
+
+
+class TrainerLoop:
+    def __init__(self, settings: Settings, executor: Executor | None = None) -> None:
+        self.settings = settings
+        self.executor = executor or make_executor(settings)
+        self.stop_event = threading.Event()
+        self._producer: Any = None
+
+    def request_stop(self, *_: object) -> None:
+        log.info("stop requested: finishing the poll loop, abandoning the current candidate")
+        self.stop_event.set()
+
+    # -- one record, on the worker thread --------------------------------------------------
+    def handle(self, record: Any) -> str:
+        try:
+            candidate = decode(SplitCandidate, record.value)
+        except MessageError as exc:
+            return self._dead_letter(record, str(exc))
+        previous = existing_result(self.settings, candidate.candidate_id)
+        if previous is not None:
+            publish(self._producer, TOPIC_RESULTS, candidate.analysis_id, previous)
+            metrics.CANDIDATES.labels("republished").inc()
+            log.info("candidate %s already done: result re-published", candidate.candidate_id)
+            return COMMIT
+        log.info("training candidate %s (cut %s)", candidate.candidate_id, candidate.cut)
+        try:
+            result = self.executor.run(candidate, self.stop_event.is_set)
+        except Abandoned:
+            return ABANDON
+        except CandidateError as exc:
+            self._publish_failure(candidate, str(exc))
+            return self._dead_letter(record, f"candidate {candidate.candidate_id}: {exc}")
+        except Exception as exc:  # an unexpected failure fails this candidate, not the service
+            log.exception("candidate %s failed", candidate.candidate_id)
+            self._publish_failure(candidate, f"{type(exc).__name__}: {exc}")
+            metrics.CANDIDATES.labels("failed").inc()
+            return COMMIT
+        publish(self._producer, TOPIC_RESULTS, candidate.analysis_id, result)
+        metrics.CANDIDATES.labels(result.status).inc()
+        log.info("candidate %s %s: split accuracy %s", candidate.candidate_id, result.status, result.accuracy_split)
+        return COMMIT
+
+    def _dead_letter(self, record: Any, reason: str) -> str:
+        dead_letter(self._producer, TOPIC_CANDIDATES, record, reason, SERVICE)
+        metrics.CANDIDATES.labels("dead_lettered").inc()
+        log.warning("dead-lettered offset %s: %s", record.offset, reason)
+        return COMMIT
+
+    def _publish_failure(self, candidate: SplitCandidate, reason: str) -> None:
+        result = TrainingResult(
+            analysis_id=candidate.analysis_id,
+            candidate_id=candidate.candidate_id,
+            cut=candidate.cut,
+            status="failed",
+            error=reason,
+            trainer_id=self.settings.trainer_id,
+        )
+        out = candidate_dir(self.settings, candidate.candidate_id)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "result.json").write_text(result.model_dump_json(indent=1))
+        publish(self._producer, TOPIC_RESULTS, candidate.analysis_id, result)
+
+    def _safe_handle(self, record: Any) -> str:
+        try:
+            return self.handle(record)
+        except Exception:  # Kafka down while publishing: leave it uncommitted and retry
+            log.exception("publishing for offset %s failed; will retry", record.offset)
+            return RETRY
+
+    # -- the poll loop, on the main thread ----------------------------------------------------
+    def run(self) -> None:
+        ensure_topics(self.settings.kafka_bootstrap)
+        self._producer = make_producer(self.settings.kafka_bootstrap, client_id=f"{SERVICE}-{self.settings.trainer_id}")
+        consumer = make_consumer(
+            self.settings.kafka_bootstrap,
+            self.settings.trainer_group,
+            [TOPIC_CANDIDATES],
+            max_poll_records=1,
+        )
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="train")
+        current: tuple[Any, Future[str]] | None = None
+        last_lag = 0.0
+        log.info("trainer %s consuming %s", self.settings.trainer_id, TOPIC_CANDIDATES)
+        try:
+            while True:
+                if self.stop_event.is_set() and current is None:
+                    break
+                batch = consumer.poll(timeout_ms=200)
+                if current is None and not self.stop_event.is_set():
+                    records = [r for rs in batch.values() for r in rs]
+                    if records:
+                        consumer.pause(*consumer.assignment())
+                        current = (records[0], pool.submit(self._safe_handle, records[0]))
+                if current is not None and current[1].done():
+                    record, future = current
+                    self._finish(consumer, record, future.result())
+                    current = None
+                if time.monotonic() - last_lag > 5:
+                    last_lag = time.monotonic()
+                    self._update_lag(consumer)
+        finally:
+            pool.shutdown(wait=True)
+            consumer.close(autocommit=False)
+            self._producer.close(timeout=10)
+            log.info("trainer stopped")
+
+    def _finish(self, consumer: Any, record: Any, outcome: str) -> None:
+        tp = TopicPartition(record.topic, record.partition)
+        if outcome == COMMIT:
+            try:
+                consumer.commit({tp: OffsetAndMetadata(record.offset + 1, "", -1)})
+            except Exception as exc:  # partition moved on a rebalance: the new owner re-publishes
+                log.warning("commit of %s@%s failed: %s", tp, record.offset, exc)
+        elif tp in consumer.assignment():
+            consumer.seek(tp, record.offset)  # RETRY or ABANDON: read it again
+            if outcome == RETRY:
+                time.sleep(2)
+        consumer.resume(*consumer.assignment())
+
+    def _update_lag(self, consumer: Any) -> None:
+        try:
+            parts = list(consumer.assignment())
+            if not parts:
+                return
+            ends = consumer.end_offsets(parts)
+            metrics.CONSUMER_LAG.set(sum(max(0, ends[tp] - consumer.position(tp)) for tp in parts))
+        except Exception:  # lag is best effort
+            pass

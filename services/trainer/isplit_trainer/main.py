@@ -1,0 +1,50 @@
+"""``isplit-trainer``: the consumer service (default) or one candidate (``train-candidate``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+
+from isplit.messages import MessageError, SplitCandidate, decode
+from prometheus_client import start_http_server
+
+from isplit_trainer.config import Settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="isplit-trainer", description="isplit trainer service")
+    parser.add_argument("command", nargs="?", default="serve", choices=["serve", "train-candidate"])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings()
+    if args.command == "train-candidate":
+        return train_one(settings)
+    from isplit_trainer.consumer import TrainerLoop
+
+    start_http_server(settings.trainer_metrics_port)
+    loop = TrainerLoop(settings)
+    signal.signal(signal.SIGTERM, loop.request_stop)
+    signal.signal(signal.SIGINT, loop.request_stop)
+    loop.run()
+    return 0
+
+
+def train_one(settings: Settings) -> int:
+    """Inside a Kubernetes Job: train the candidate in ISPLIT_CANDIDATE_JSON, write result.json."""
+    from isplit_trainer.pipeline import CandidateError, train_candidate
+
+    try:
+        candidate = decode(SplitCandidate, os.environ.get("ISPLIT_CANDIDATE_JSON", ""))
+        result = train_candidate(candidate, settings)
+    except (MessageError, CandidateError) as exc:
+        print(f"isplit-trainer: error: {exc}", file=sys.stderr)
+        return 2
+    print(result.model_dump_json())
+    return 0 if result.status == "succeeded" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""Process one candidate: retrain, measure, export head and tail, package and register the tail.
+
+Idempotent by candidate id: everything lives under ``<artifact_root>/candidates/<id>/`` and
+``result.json`` is written last; a candidate whose result exists is answered from it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from isplit import IsplitError, wire
+from isplit import torchserve as ts
+from isplit.checkpoint import load_model
+from isplit.data import load_dataset
+from isplit.export import export_pair
+from isplit.messages import SplitCandidate, TrainingResult
+from isplit.retrain import retrain_split
+from isplit.training import pick_device
+
+from isplit_trainer import metrics
+from isplit_trainer.config import Settings
+
+log = logging.getLogger("isplit.trainer.pipeline")
+
+
+class CandidateError(Exception):
+    """The candidate itself cannot be trained (missing weights, unknown cut...): dead-letter it."""
+
+
+def candidate_dir(settings: Settings, candidate_id: str) -> Path:
+    return settings.artifact_root / "candidates" / candidate_id
+
+
+def model_name_for(candidate: SplitCandidate) -> str:
+    """TorchServe model name ``isplit-<analysis>-<cut>`` (the candidate id is analysis + cut)."""
+    return f"isplit-{candidate.candidate_id}"
+
+
+def existing_result(settings: Settings, candidate_id: str) -> TrainingResult | None:
+    path = candidate_dir(settings, candidate_id) / "result.json"
+    if path.exists():
+        return TrainingResult.model_validate_json(path.read_text())
+    return None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def train_candidate(
+    candidate: SplitCandidate, settings: Settings, should_stop: Callable[[], bool] | None = None
+) -> TrainingResult:
+    """Retrain, export, register; write and return the ``TrainingResult`` (raises ``Abandoned``)."""
+    out = candidate_dir(settings, candidate.candidate_id)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = settings.artifact_root / candidate.model.weights_uri
+    if not weights.is_file():
+        raise CandidateError(f"weights {candidate.model.weights_uri!r} not found under the artifact root")
+    try:
+        model, info = load_model(weights, arch=candidate.model.arch)
+        train = load_dataset(candidate.dataset.name, "train", in_channels=info.in_channels)
+        test = load_dataset(candidate.dataset.name, "test", in_channels=info.in_channels)
+    except IsplitError as exc:
+        raise CandidateError(str(exc)) from exc
+    cap = candidate.dataset.max_train_images or settings.trainer_max_train_images
+    if cap:
+        train = train.subset(None, cap)
+    if candidate.dataset.max_test_images:
+        test = test.subset(None, candidate.dataset.max_test_images)
+    spec = candidate.bottleneck
+    device = pick_device(settings.trainer_device)
+
+    def on_step(epoch: int, loss: float, sps: float) -> None:
+        metrics.EPOCH.set(epoch)
+        metrics.LOSS.set(loss)
+        metrics.SAMPLES_PER_SECOND.set(sps)
+        if device.type == "cuda":
+            metrics.GPU_MEMORY.set(torch.cuda.memory_allocated(device))
+
+    start = time.perf_counter()
+    try:
+        outcome = retrain_split(
+            model,
+            info,
+            candidate.cut,
+            train,
+            test,
+            ratio=spec.compression_ratio,
+            epochs=spec.epochs,
+            lr=spec.lr,
+            batch_size=spec.batch_size,
+            finetune_tail=spec.finetune_tail,
+            classes=candidate.dataset.classes,
+            seed=spec.seed,
+            device=device,
+            on_step=on_step,
+            should_stop=should_stop,
+        )
+    except IsplitError as exc:
+        raise CandidateError(str(exc)) from exc
+    model_name = model_name_for(candidate)
+    paths = export_pair(
+        outcome.pair,
+        info,
+        out,
+        {
+            "analysis_id": candidate.analysis_id,
+            "candidate_id": candidate.candidate_id,
+            "model_name": model_name,
+            "dataset": candidate.dataset.name,
+        },
+    )
+    result = TrainingResult(
+        analysis_id=candidate.analysis_id,
+        candidate_id=candidate.candidate_id,
+        cut=candidate.cut,
+        status="succeeded",
+        accuracy_original=outcome.accuracy_original,
+        accuracy_split=outcome.accuracy_split,
+        accuracy_original_subset=outcome.accuracy_original_subset,
+        accuracy_split_subset=outcome.accuracy_split_subset,
+        bytes_per_image=outcome.bytes_per_image,
+        head_params=outcome.head_params,
+        tail_params=outcome.tail_params,
+        head_flops=outcome.head_flops,
+        tail_flops=outcome.tail_flops,
+        training_seconds=outcome.training_seconds,
+        head_uri=str(paths["head.pt"].relative_to(settings.artifact_root)),
+        model_name=model_name,
+        trainer_id=settings.trainer_id,
+    )
+    if settings.torchserve_management_url:
+        result = _register(result, paths, model_name, settings)
+    metrics.TRAINING_SECONDS.observe(time.perf_counter() - start)
+    _write_atomic(out / "result.json", result.model_dump_json(indent=1))
+    return result
+
+
+def _register(result: TrainingResult, paths: dict[str, Path], model_name: str, settings: Settings) -> TrainingResult:
+    store = settings.model_store()
+    store.mkdir(parents=True, exist_ok=True)
+    try:
+        mar = ts.build_mar(paths["tail.pt"], paths["tail.json"], model_name, "1.0", store)
+        ts.register(
+            settings.torchserve_management_url,
+            mar.name,
+            model_name,
+            batch_size=settings.tail_batch_size,
+            max_batch_delay_ms=settings.tail_max_batch_delay_ms,
+            initial_workers=settings.tail_workers,
+        )
+        # One real request proves the tail answers and measures network + tail latency.
+        head = torch.jit.load(str(paths["head.pt"]))
+        import json
+
+        meta = json.loads(paths["head.json"].read_text())
+        x = torch.zeros(1, meta["in_channels"], meta["input_size"], meta["input_size"])
+        with torch.no_grad():
+            payload = wire.encode(head(x), "fp16")
+        t0 = time.perf_counter()
+        ts.predict(settings.torchserve_inference_url, model_name, payload, timeout_s=30)
+        latency_ms = (time.perf_counter() - t0) * 1000
+    except Exception as exc:  # training succeeded; serving did not: say so in the result
+        log.warning("registering %s failed: %s", model_name, exc)
+        return result.model_copy(
+            update={"status": "failed", "error": f"registering the tail with TorchServe failed: {exc}"}
+        )
+    return result.model_copy(
+        update={
+            "tail_mar_uri": str(mar.relative_to(settings.artifact_root))
+            if mar.is_relative_to(settings.artifact_root)
+            else str(mar),
+            "inference_url": ts.inference_url(settings.torchserve_inference_url, model_name),
+            "latency_ms": latency_ms,
+        }
+    )

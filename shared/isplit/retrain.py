@@ -1,0 +1,257 @@
+"""Retrain a head/tail pair at a cut: insert a bottleneck, train it, measure the split model.
+
+Stage 1 trains the bottleneck with the original layers frozen, matching the original
+activation at the cut and the original outputs, plus cross-entropy; stage 2 (optional)
+fine-tunes decoder and tail with cross-entropy. CUDA uses bf16 autocast; CPU runs are seeded
+and reproducible.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from isplit import IsplitError
+from isplit.bottleneck import make_bottleneck
+from isplit.checkpoint import ModelInfo
+from isplit.cuts import find_cut_points, split_at
+from isplit.data import ImageSet
+from isplit.training import evaluate, seed_everything
+from isplit.wire import payload_nbytes
+
+
+class Abandoned(Exception):
+    """Training was asked to stop (e.g. SIGTERM); nothing was produced."""
+
+
+class EdgeHead(nn.Module):
+    """Runs on the edge: original layers up to the cut, then the encoder. ``(N, C, S, S) -> code``."""
+
+    def __init__(self, head: nn.Module, encoder: nn.Module) -> None:
+        super().__init__()
+        self.head, self.encoder = head, encoder
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(self.head(x))
+
+
+class ServerTail(nn.Module):
+    """Runs on the server: the decoder, then the original layers after the cut. ``code -> logits``."""
+
+    def __init__(self, decoder: nn.Module, tail: nn.Module) -> None:
+        super().__init__()
+        self.decoder, self.tail = decoder, tail
+
+    def forward(self, code: torch.Tensor) -> torch.Tensor:
+        return self.tail(self.decoder(code))
+
+
+@dataclass
+class HeadTailPair:
+    """A trained split: ``tail(head(x))`` approximates the original model."""
+
+    head: EdgeHead
+    tail: ServerTail
+    cut: str
+    code_shape: list[int]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tail(self.head(x))
+
+
+@dataclass
+class RetrainOutcome:
+    """Measurements of one retrained split (accuracies in [0, 1], times in seconds)."""
+
+    pair: HeadTailPair
+    accuracy_original: float
+    accuracy_split: float
+    accuracy_original_subset: float | None
+    accuracy_split_subset: float | None
+    bytes_per_image: dict[str, int]
+    head_params: int
+    tail_params: int
+    head_flops: int
+    tail_flops: int
+    training_seconds: float
+    samples_per_second: float
+    losses: list[float] = field(default_factory=list)
+
+
+def count_flops(module: nn.Module, example: torch.Tensor) -> int:
+    """Forward FLOPs (2 x multiply-accumulates of conv, transposed conv and linear layers) for
+    one call on ``example``, divided by its batch size (FLOPs per image)."""
+    total = [0]
+
+    def hook(m: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        if isinstance(m, nn.Conv2d):
+            total[0] += out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+        elif isinstance(m, nn.ConvTranspose2d):
+            total[0] += inp[0].numel() * (m.out_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+        elif isinstance(m, nn.Linear):
+            total[0] += out.numel() * m.in_features
+
+    handles = [
+        m.register_forward_hook(hook)
+        for m in module.modules()
+        if isinstance(m, nn.Conv2d | nn.ConvTranspose2d | nn.Linear)
+    ]
+    try:
+        with torch.no_grad():
+            module(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return 2 * total[0] // max(1, example.shape[0])
+
+
+def _params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def retrain_split(
+    model: nn.Module,
+    info: ModelInfo,
+    cut: str,
+    train: ImageSet,
+    test: ImageSet,
+    *,
+    ratio: int = 4,
+    epochs: int = 2,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    finetune_tail: bool = False,
+    classes: Sequence[int] | None = None,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    on_step: Callable[[int, float, float], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> RetrainOutcome:
+    """Insert a bottleneck at ``cut`` of the trained ``model``, train it, measure.
+
+    ``train``/``test`` hold all classes; with ``classes`` the bottleneck trains on those
+    classes' images and subset accuracies are reported too. ``on_step(epoch, loss,
+    samples_per_second)`` is called every few batches; ``should_stop()`` returning True
+    abandons the work (``Abandoned``).
+    """
+    device = torch.device(device)
+    seed_everything(seed)
+    points = {p.module: p for p in find_cut_points(model, (info.in_channels, info.input_size, info.input_size))}
+    if cut not in points:
+        raise IsplitError(f"cut {cut!r} is not a cut point of this {info.arch} (see `isplit cuts`)")
+    model = model.to(device).eval()
+    head, tail = split_at(model, cut)
+    bottleneck = make_bottleneck(points[cut].output_shape, ratio).to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    fit_set = train.subset(classes) if classes is not None else train
+    batches = lambda data, shuffle, s=0: data.batches(  # noqa: E731
+        batch_size, input_size=info.input_size, mean=info.mean, std=info.std, shuffle=shuffle, seed=s
+    )
+    use_amp = device.type == "cuda"
+    losses: list[float] = []
+    start = time.perf_counter()
+    seen = 0
+    opt = torch.optim.AdamW(bottleneck.parameters(), lr=lr, weight_decay=1e-4)
+    steps = max(1, epochs * ((len(fit_set) + batch_size - 1) // batch_size))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
+    bar = tqdm(total=steps, desc=f"bottleneck@{cut}", unit="batch", disable=not progress)
+    for epoch in range(epochs):
+        bottleneck.train()
+        for step, (x, y) in enumerate(batches(fit_set, True, seed + epoch)):
+            if should_stop is not None and should_stop():
+                raise Abandoned(f"stopped during epoch {epoch + 1}")
+            x, y = x.to(device), y.to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                with torch.no_grad():
+                    act = head(x)
+                    ref_logits = tail(act)
+                recon = bottleneck.decoder(bottleneck.encoder(act))
+                logits = tail(recon)
+                loss = (
+                    F.mse_loss(recon.float(), act.float()) / act.float().pow(2).mean().clamp_min(1e-6)
+                    + F.cross_entropy(logits.float(), y)
+                    + F.kl_div(
+                        F.log_softmax(logits.float(), 1),
+                        F.log_softmax(ref_logits.float(), 1),
+                        log_target=True,
+                        reduction="batchmean",
+                    )
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            seen += int(y.numel())
+            losses.append(float(loss))
+            bar.update(1)
+            if on_step is not None and step % 5 == 0:
+                on_step(epoch + 1, float(loss), seen / max(time.perf_counter() - start, 1e-9))
+    bar.close()
+    if finetune_tail:
+        _finetune_tail(tail, bottleneck, head, batches(fit_set, True, seed + 99), lr / 10, device, should_stop)
+    training_seconds = time.perf_counter() - start
+    bottleneck.eval()
+    pair = HeadTailPair(EdgeHead(head, bottleneck.encoder), ServerTail(bottleneck.decoder, tail), cut, [])
+    example = torch.zeros(2, info.in_channels, info.input_size, info.input_size, device=device)
+    with torch.no_grad():
+        code = pair.head(example)
+    pair.code_shape = list(code.shape[1:])
+    split_module = nn.Sequential(pair.head, pair.tail)
+
+    def acc(m: nn.Module, data: ImageSet) -> float:
+        return evaluate(m, batches(data, False), device)
+
+    subset_test = test.subset(classes) if classes is not None else None
+    outcome = RetrainOutcome(
+        pair=pair,
+        accuracy_original=acc(model, test),
+        accuracy_split=acc(split_module, test),
+        accuracy_original_subset=acc(model, subset_test) if subset_test is not None else None,
+        accuracy_split_subset=acc(split_module, subset_test) if subset_test is not None else None,
+        bytes_per_image={enc: payload_nbytes(pair.code_shape, enc) for enc in ("fp32", "fp16", "int8")},
+        head_params=_params(pair.head),
+        tail_params=_params(pair.tail),
+        head_flops=count_flops(pair.head, example),
+        tail_flops=count_flops(pair.tail, code),
+        training_seconds=training_seconds,
+        samples_per_second=seen / max(training_seconds, 1e-9),
+        losses=losses,
+    )
+    return outcome
+
+
+def _finetune_tail(
+    tail: nn.Module,
+    bottleneck: nn.Module,
+    head: nn.Module,
+    batches: object,
+    lr: float,
+    device: torch.device,
+    should_stop: Callable[[], bool] | None,
+) -> None:
+    params = list(tail.parameters()) + list(bottleneck.decoder.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr)
+    tail.train()
+    for x, y in batches:  # type: ignore[attr-defined]
+        if should_stop is not None and should_stop():
+            raise Abandoned("stopped during tail fine-tuning")
+        x, y = x.to(device), y.to(device)
+        with torch.no_grad():
+            code = bottleneck.encoder(head(x))
+        loss = F.cross_entropy(tail(bottleneck.decoder(code)), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    tail.eval()
+    for p in params:
+        p.requires_grad_(False)

@@ -1,0 +1,249 @@
+"""Tail serving on a real TorchServe: the .mar, registration, the handler, its metrics."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+import warnings
+import zipfile
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+from isplit import torchserve as ts
+from isplit import wire
+
+pytestmark = pytest.mark.torchserve
+
+CODE_SHAPE = (4, 4, 4)
+CLASS_NAMES = [f"class-{i}" for i in range(10)]
+
+
+@dataclass(frozen=True)
+class ServedTail:
+    name: str
+    mar: Path
+    local: torch.jit.ScriptModule
+    inference_url: str
+    management_url: str
+    metrics_url: str
+
+
+def _make_tail(directory: Path, model_name: str) -> tuple[Path, Path, torch.jit.ScriptModule]:
+    """A tiny TorchScript tail, (N, 4, 4, 4) codes -> (N, 10) logits, and its tail.json."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 10)
+    ).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # new torch deprecates torch.jit; it is still the contract
+        scripted = torch.jit.trace(net, torch.zeros(1, *CODE_SHAPE))
+    tail_pt, tail_json = directory / "tail.pt", directory / "tail.json"
+    scripted.save(str(tail_pt))
+    meta = {
+        "schema_version": 1,
+        "model_name": model_name,
+        "analysis_id": "test-analysis",
+        "candidate_id": "test-candidate",
+        "cut": "features.3",
+        "code_shape": list(CODE_SHAPE),
+        "class_names": CLASS_NAMES,
+    }
+    tail_json.write_text(json.dumps(meta))
+    return tail_pt, tail_json, scripted
+
+
+@pytest.fixture(scope="module")
+def served_tail(torchserve, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedTail]:
+    """The tiny tail, archived into the server's model store and registered under a fresh name."""
+    name = f"isplit-test-tail-{uuid.uuid4().hex[:8]}"
+    tail_pt, tail_json, local = _make_tail(tmp_path_factory.mktemp("tail"), name)
+    mar = ts.build_mar(tail_pt, tail_json, name, "1.0", torchserve.model_store)
+    ts.register(torchserve.management_url, mar.name, name, batch_size=8, max_batch_delay_ms=20)
+    yield ServedTail(name, mar, local, torchserve.inference_url, torchserve.management_url, torchserve.metrics_url)
+    ts.unregister(torchserve.management_url, name)
+    mar.unlink(missing_ok=True)
+
+
+def _codes(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, *CODE_SHAPE, generator=torch.Generator().manual_seed(seed))
+
+
+def _local_probabilities(tail: ServedTail, codes: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.softmax(tail.local(codes), dim=1)
+
+
+def _post(tail: ServedTail, body: bytes, **headers: str) -> requests.Response:
+    return requests.post(ts.inference_url(tail.inference_url, tail.name), data=body, headers=headers, timeout=30)
+
+
+def _metric_samples(tail: ServedTail, name: str) -> list[float]:
+    """Values of the samples of ``name`` labelled with this tail's model name."""
+    text = requests.get(f"{tail.metrics_url}/metrics", timeout=10).text
+    pattern = re.compile(rf"^{re.escape(name)}\{{([^}}]*)\}} (\S+)$", re.MULTILINE)
+    return [float(value) for labels, value in pattern.findall(text) if tail.name in labels]
+
+
+def _wait_for_metric(tail: ServedTail, name: str, at_least: float, timeout_s: float = 15) -> list[float]:
+    """Backend metrics reach :8082 asynchronously (parsed from the worker's log); poll for them."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        samples = _metric_samples(tail, name)
+        if samples and max(samples) >= at_least or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.25)
+
+
+# --- packaging and registration ----------------------------------------------------------------
+
+
+def test_mar_holds_tail_pt_tail_json_and_the_handler(served_tail: ServedTail) -> None:
+    with zipfile.ZipFile(served_tail.mar) as archive:
+        names = set(archive.namelist())
+        manifest = json.loads(archive.read("MAR-INF/MANIFEST.json"))
+    assert {"tail.pt", "tail.json", "isplit_tail_handler.py"} <= names
+    assert manifest["model"]["modelVersion"] == "1.0"
+    assert manifest["model"]["serializedFile"] == "tail.pt"
+
+
+def test_register_again_is_a_no_op(served_tail: ServedTail) -> None:
+    ts.register(served_tail.management_url, served_tail.mar.name, served_tail.name, version="1.0")
+    described = requests.get(f"{served_tail.management_url}/models/{served_tail.name}/all", timeout=10).json()
+    assert [entry["modelVersion"] for entry in described] == ["1.0"]
+    assert described[0]["batchSize"] == 8
+
+
+# --- predictions -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("encoding", wire.ENCODINGS)
+def test_prediction_matches_the_local_tail(served_tail: ServedTail, encoding: str) -> None:
+    codes = _codes(3, seed=1)
+    payload = wire.encode(codes, encoding)
+    answer = ts.predict(served_tail.inference_url, served_tail.name, payload)
+    # The server runs the tail on exactly what the wire carried.
+    expected = _local_probabilities(served_tail, wire.decode(payload))
+    assert answer["model"] == served_tail.name
+    assert len(answer["predictions"]) == 3
+    for per_image, probabilities in zip(answer["predictions"], expected, strict=True):
+        top = torch.topk(probabilities, 5)
+        assert [p["class"] for p in per_image] == top.indices.tolist()
+        assert [p["name"] for p in per_image] == [CLASS_NAMES[i] for i in top.indices.tolist()]
+        assert [p["probability"] for p in per_image] == pytest.approx(top.values.tolist(), abs=1e-5)
+    if encoding == "fp32":
+        assert [p[0]["class"] for p in answer["predictions"]] == expected.argmax(1).tolist()
+
+
+def test_unbatched_code_gets_one_top_k_list(served_tail: ServedTail) -> None:
+    code = _codes(1, seed=2)[0]
+    answer = ts.predict(served_tail.inference_url, served_tail.name, wire.encode(code, "fp16"), top_k=3)
+    assert [p["class"] for p in answer["predictions"]] == torch.topk(
+        _local_probabilities(served_tail, wire.decode(wire.encode(code, "fp16")).unsqueeze(0))[0], 3
+    ).indices.tolist()
+
+
+def test_top_k_header_bounds_the_classes_returned(served_tail: ServedTail) -> None:
+    answer = ts.predict(served_tail.inference_url, served_tail.name, wire.encode(_codes(1, seed=3)), top_k=10)
+    probabilities = [p["probability"] for p in answer["predictions"][0]]
+    assert len(probabilities) == 10
+    assert probabilities == sorted(probabilities, reverse=True)
+    assert sum(probabilities) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_json_tensor_body_is_accepted_for_debugging(served_tail: ServedTail) -> None:
+    codes = _codes(1, seed=4)
+    response = requests.post(
+        ts.inference_url(served_tail.inference_url, served_tail.name), json={"tensor": codes.tolist()}, timeout=30
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["predictions"][0][0]["class"] == int(_local_probabilities(served_tail, codes).argmax())
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(served_tail: ServedTail) -> None:
+    codes = _codes(32, seed=5)
+    payloads = [wire.encode(codes[i : i + 1], "fp16") for i in range(len(codes))]
+    passes_before, codes_before = _batch_totals(served_tail)
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        answers = list(pool.map(lambda p: ts.predict(served_tail.inference_url, served_tail.name, p), payloads))
+    expected = _local_probabilities(served_tail, torch.cat([wire.decode(p) for p in payloads])).argmax(1)
+    assert [a["predictions"][0][0]["class"] for a in answers] == expected.tolist()
+    _wait_for_metric(served_tail, "isplit_tail_batch_size_sum", codes_before + 32)
+    passes, codes_served = _batch_totals(served_tail)
+    assert codes_served - codes_before == 32
+    assert passes - passes_before < 32  # some forward pass held more than one request's code
+
+
+def _batch_totals(tail: ServedTail) -> tuple[float, float]:
+    """(forward passes, codes) so far, from the isplit_tail_batch_size histogram."""
+    count, total = (
+        _metric_samples(tail, "isplit_tail_batch_size_count"),
+        _metric_samples(tail, "isplit_tail_batch_size_sum"),
+    )
+    return (count[0] if count else 0.0), (total[0] if total else 0.0)
+
+
+# --- bad requests ------------------------------------------------------------------------------
+
+
+def test_malformed_payload_gets_400_with_the_reason_and_the_next_request_succeeds(served_tail: ServedTail) -> None:
+    good = wire.encode(_codes(1, seed=6))
+    response = _post(served_tail, good[:-5])
+    assert response.status_code == 400
+    assert response.json()["message"] == f"truncated message: expected {len(good)} bytes, got {len(good) - 5}"
+    assert "truncated message" in response.reason
+    with pytest.raises(ts.TorchServeError, match="neither an isplit wire message") as refused:
+        ts.predict(served_tail.inference_url, served_tail.name, b"GIF89a" + bytes(40))
+    assert refused.value.status == 400
+    assert _post(served_tail, good).status_code == 200
+
+
+def test_wrong_code_shape_gets_400_naming_both_shapes(served_tail: ServedTail) -> None:
+    response = _post(served_tail, wire.encode(torch.zeros(2, 8, 4, 4)))
+    assert response.status_code == 400
+    assert response.json()["message"] == (
+        "shape mismatch: got (2, 8, 4, 4), expected (N, 4, 4, 4) with N >= 1 or (4, 4, 4)"
+    )
+
+
+def test_bad_top_k_gets_400(served_tail: ServedTail) -> None:
+    response = _post(served_tail, wire.encode(_codes(1, seed=7)), **{"X-Isplit-Top-K": "11"})
+    assert response.status_code == 400
+    assert "X-Isplit-Top-K must be an integer in [1, 10], got '11'" in response.json()["message"]
+
+
+def test_a_bad_request_does_not_fail_the_others_in_its_batch(served_tail: ServedTail) -> None:
+    bodies = [wire.encode(_codes(1, seed=8 + i)) for i in range(8)]
+    bodies[3] = bodies[3][:20]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        statuses = list(pool.map(lambda b: _post(served_tail, b).status_code, bodies))
+    assert statuses == [200, 200, 200, 400, 200, 200, 200, 200]
+
+
+# --- metrics -----------------------------------------------------------------------------------
+
+
+def test_custom_metrics_are_exported_in_prometheus_format(served_tail: ServedTail) -> None:
+    assert _post(served_tail, b"ISPW").status_code == 400
+    assert _post(served_tail, wire.encode(_codes(2, seed=20), "int8")).status_code == 200
+    assert _wait_for_metric(served_tail, "isplit_tail_bad_requests_total", 1)[0] >= 1
+    for name in (
+        "isplit_tail_decode_seconds_count",
+        "isplit_tail_decode_seconds_sum",
+        "isplit_tail_batch_size_count",
+        "isplit_tail_payload_bytes_count",
+        "isplit_tail_payload_bytes_sum",
+        "ts_inference_requests_total",
+        "ts_inference_latency_microseconds",
+        "ts_queue_latency_microseconds",
+    ):
+        samples = _wait_for_metric(served_tail, name, 1e-12)
+        assert samples and samples[0] > 0, f"{name} missing for {served_tail.name}"
+    buckets = _metric_samples(served_tail, "isplit_tail_decode_seconds_bucket")
+    assert len(buckets) > 1
