@@ -105,9 +105,7 @@ def test_published_candidate_is_consumed_unchanged_keyed_by_analysis_id(
     assert decode(SplitCandidate, record.value) == sent
 
 
-def test_dead_letter_carries_the_original_bytes_and_the_reason(
-    kafka_bootstrap, kafka_topics, unique_topic_prefix
-):
+def test_dead_letter_carries_the_original_bytes_and_the_reason(kafka_bootstrap, kafka_topics, unique_topic_prefix):
     source = kafka_topics({"candidates": 1})["candidates"]
     garbage = b'{"schema_version": 7, "\xff'
     producer = make_producer(kafka_bootstrap, "test-producer")
@@ -165,15 +163,11 @@ def test_uncommitted_records_are_read_again_by_the_next_consumer_of_the_group(
     assert [decode(SplitCandidate, r.value).cut for r in again] == ["layer2", "layer3"]
 
 
-def test_publish_to_a_missing_topic_raises_publish_error_naming_topic_and_key(
-    kafka_bootstrap, unique_topic_prefix
-):
+def test_publish_to_a_missing_topic_raises_publish_error_naming_topic_and_key(kafka_bootstrap, unique_topic_prefix):
     producer = make_producer(kafka_bootstrap, "test-producer", max_block_ms=1000)
     try:
         with pytest.raises(PublishError, match=rf"to {unique_topic_prefix}missing \(key 'an-9'\)"):
-            publish(
-                producer, unique_topic_prefix + "missing", "an-9", candidate("an-9", "layer1"), timeout_s=2
-            )
+            publish(producer, unique_topic_prefix + "missing", "an-9", candidate("an-9", "layer1"), timeout_s=2)
     finally:
         producer.close()
 

@@ -136,14 +136,10 @@ def test_unknown_fields_are_ignored_for_forward_compatibility():
 
 
 def test_candidate_id_is_deterministic():
-    assert (
-        candidate_id_for("a1b2c3", "layer3.1") == candidate_id_for("a1b2c3", "layer3.1") == "a1b2c3-layer3_1"
-    )
+    assert candidate_id_for("a1b2c3", "layer3.1") == candidate_id_for("a1b2c3", "layer3.1") == "a1b2c3-layer3_1"
 
 
-@pytest.mark.parametrize(
-    "cut", ["features.denseblock4.denselayer16.conv2", "Mixed_5b.branch1x1", "a/../b c:d"]
-)
+@pytest.mark.parametrize("cut", ["features.denseblock4.denselayer16.conv2", "Mixed_5b.branch1x1", "a/../b c:d"])
 def test_candidate_id_is_safe_as_file_url_and_torchserve_model_name(cut):
     assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", candidate_id_for("0f3e-9a", cut))
 
@@ -171,9 +167,7 @@ def test_failed_result_must_say_why():
 
 def test_bytes_per_image_only_knows_fp32_fp16_int8():
     with pytest.raises(ValidationError, match="bytes_per_image"):
-        TrainingResult(
-            analysis_id="a1", candidate_id="a1-l", cut="l", status="succeeded", bytes_per_image={"bf16": 2}
-        )
+        TrainingResult(analysis_id="a1", candidate_id="a1-l", cut="l", status="succeeded", bytes_per_image={"bf16": 2})
 
 
 def test_dead_letter_keeps_the_original_bytes_exactly():

@@ -113,6 +113,18 @@ def test_mar_holds_tail_pt_tail_json_and_the_handler(served_tail: ServedTail) ->
     assert manifest["model"]["serializedFile"] == "tail.pt"
 
 
+def test_build_mar_leaves_a_same_named_directory_in_tmpdir_alone(tmp_path: Path, monkeypatch) -> None:
+    # torch-model-archiver assembles in $TMPDIR/<model_name> and deletes what is there first.
+    tail_pt, tail_json, _ = _make_tail(tmp_path, "tmpdir-probe")
+    (tmp_path / "tmpdir-probe").mkdir()
+    (tmp_path / "tmpdir-probe" / "keep.txt").write_text("mine")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    mar = ts.build_mar(tail_pt, tail_json, "tmpdir-probe", "1.0", tmp_path / "store")
+    assert mar == tmp_path / "store" / "tmpdir-probe.mar" and mar.is_file()
+    assert (tmp_path / "tmpdir-probe" / "keep.txt").read_text() == "mine"
+    assert [p.name for p in (tmp_path / "store").iterdir()] == ["tmpdir-probe.mar"]
+
+
 def test_register_again_is_a_no_op(served_tail: ServedTail) -> None:
     ts.register(served_tail.management_url, served_tail.mar.name, served_tail.name, version="1.0")
     described = requests.get(f"{served_tail.management_url}/models/{served_tail.name}/all", timeout=10).json()

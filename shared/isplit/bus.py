@@ -121,9 +121,7 @@ def publish(
         future = producer.send(topic, key=None if key is None else key.encode("utf-8"), value=encode(msg))
         return future.get(timeout=timeout_s)
     except KafkaError as exc:
-        raise PublishError(
-            f"publishing {type(msg).__name__} to {topic} (key {key!r}) failed: {exc!r}"
-        ) from exc
+        raise PublishError(f"publishing {type(msg).__name__} to {topic} (key {key!r}) failed: {exc!r}") from exc
 
 
 def make_consumer(bootstrap: str, group_id: str, topics: Iterable[str], **overrides: Any) -> KafkaConsumer:
@@ -170,9 +168,7 @@ def dead_letter(
         reason=reason,
         service=service,
     )
-    log.warning(
-        "dead-lettering %s[%s]@%s (key %r): %s", source_topic, record.partition, record.offset, key, reason
-    )
+    log.warning("dead-lettering %s[%s]@%s (key %r): %s", source_topic, record.partition, record.offset, key, reason)
     return publish(producer, TOPIC_DEAD_LETTER, key, letter, timeout_s=timeout_s)
 
 

@@ -190,10 +190,10 @@ def retrain_split(
             opt.step()
             sched.step()
             seen += int(y.numel())
-            losses.append(float(loss))
+            losses.append(loss.item())
             bar.update(1)
             if on_step is not None and step % 5 == 0:
-                on_step(epoch + 1, float(loss), seen / max(time.perf_counter() - start, 1e-9))
+                on_step(epoch + 1, losses[-1], seen / max(time.perf_counter() - start, 1e-9))
     bar.close()
     if finetune_tail:
         _finetune_tail(tail, bottleneck, head, batches(fit_set, True, seed + 99), lr / 10, device, should_stop)

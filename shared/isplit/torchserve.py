@@ -19,6 +19,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from urllib.parse import quote
@@ -77,28 +79,34 @@ def build_mar(
     for path in (Path(tail_pt), Path(tail_json), handler):
         if not path.is_file():
             raise IsplitError(f"cannot build {model_name}.mar: {path} does not exist")
-    # Imported here: the archiver is a serving-side dependency, not needed to decode or train.
-    from model_archiver.model_archiver import ModelArchiver
-    from model_archiver.model_archiver_config import ModelArchiverConfig
-
     export_dir = Path(export_dir)
     export_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=export_dir, prefix=f".{model_name}.") as scratch:
         staged = Path(scratch)
         shutil.copyfile(tail_pt, staged / "tail.pt")
         shutil.copyfile(tail_json, staged / "tail.json")
-        ModelArchiver.generate_model_archive(
-            ModelArchiverConfig(
-                model_name=model_name,
-                handler=str(handler),
-                version=str(version),
-                serialized_file=str(staged / "tail.pt"),
-                extra_files=str(staged / "tail.json"),
-                export_path=str(staged),
-                archive_format="default",
-                force=True,
-            )
+        (staged / "tmp").mkdir()
+        # A child process with its own TMPDIR: the archiver assembles files in
+        # $TMPDIR/<model_name>, deleting whatever is there, so concurrent builds (or a directory
+        # of that name in /tmp) would otherwise collide.
+        command = [
+            sys.executable, "-m", "model_archiver.model_packaging",
+            "--model-name", model_name, "--version", str(version), "--handler", str(handler),
+            "--serialized-file", str(staged / "tail.pt"), "--extra-files", str(staged / "tail.json"),
+            "--export-path", str(staged), "--archive-format", "default", "--force",
+        ]  # fmt: skip
+        done = subprocess.run(
+            command,
+            env={**os.environ, "TMPDIR": str(staged / "tmp")},
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
         )
+        if done.returncode != 0:
+            detail = (done.stderr or done.stdout).strip().splitlines()[-5:]
+            raise IsplitError(f"torch-model-archiver could not build {model_name}.mar: " + " | ".join(detail))
         target = export_dir / f"{model_name}.mar"
         os.replace(staged / f"{model_name}.mar", target)
     return target
@@ -123,7 +131,8 @@ def register(
     Raises :class:`TorchServeError` with the server's message when TorchServe refuses.
     """
     _check_model_name(model_name)
-    if _registered(_describe(management_url, model_name, timeout_s), mar_name, version):
+    before = _describe(management_url, model_name, timeout_s)
+    if _registered(before, mar_name, version):
         return
     params = {
         "url": mar_name,
@@ -135,13 +144,13 @@ def register(
         "response_timeout": int(timeout_s),
     }
     response = _call("POST", f"{_base(management_url)}/models", params=params, timeout_s=timeout_s + 10)
-    versions = _describe(management_url, model_name, timeout_s)
-    if response.status_code == 409 and _registered(versions, mar_name, version):
+    after = _describe(management_url, model_name, timeout_s)
+    if response.status_code == 409 and _registered(after, mar_name, version):
         return  # registered concurrently by someone else: the state we want
     _raise_for_status(response, f"registering {mar_name} as {model_name}")
-    new = [v for v in versions if v.get("modelUrl") == mar_name]
-    if len(versions) > 1 and new:
-        path = f"/models/{quote(model_name)}/{quote(str(new[0]['modelVersion']))}/set-default"
+    new_versions = {str(v["modelVersion"]) for v in after} - {str(v["modelVersion"]) for v in before}
+    if before and len(new_versions) == 1:
+        path = f"/models/{quote(model_name)}/{quote(new_versions.pop())}/set-default"
         _raise_for_status(
             _call("PUT", _base(management_url) + path, timeout_s=timeout_s), "setting the default version"
         )
@@ -149,15 +158,17 @@ def register(
 
 def unregister(management_url: str, model_name: str, version: str | None = None, *, timeout_s: float = 60) -> None:
     """Unregister one ``version`` of ``model_name``, or every version; absent models are fine."""
-    versions = _describe(management_url, model_name, timeout_s)
-    if version is not None:
-        versions = [v for v in versions if str(v.get("modelVersion")) == str(version)]
+    versions = [str(v["modelVersion"]) for v in _describe(management_url, model_name, timeout_s)]
+    if not versions:
+        return
+    default = _default_version(management_url, model_name, timeout_s)
+    targets = [v for v in versions if version is None or v == str(version)]
     # TorchServe refuses to drop the default version while others remain: drop it last.
-    for entry in sorted(versions, key=lambda v: bool(v.get("isDefault"))):
-        url = f"{_base(management_url)}/models/{quote(model_name)}/{quote(str(entry['modelVersion']))}"
+    for target in sorted(targets, key=lambda v: v == default):
+        url = f"{_base(management_url)}/models/{quote(model_name)}/{quote(target)}"
         response = _call("DELETE", url, timeout_s=timeout_s)
         if response.status_code != 404:
-            _raise_for_status(response, f"unregistering {model_name} version {entry['modelVersion']}")
+            _raise_for_status(response, f"unregistering {model_name} version {target}")
 
 
 def inference_url(base: str, model_name: str) -> str:
@@ -219,6 +230,14 @@ def _describe(management_url: str, model_name: str, timeout_s: float) -> list[di
         return []
     _raise_for_status(response, f"describing {model_name}")
     return response.json()
+
+
+def _default_version(management_url: str, model_name: str, timeout_s: float) -> str | None:
+    response = _call("GET", f"{_base(management_url)}/models/{quote(model_name)}", timeout_s=timeout_s)
+    if response.status_code == 404:
+        return None
+    _raise_for_status(response, f"describing {model_name}")
+    return str(response.json()[0]["modelVersion"])
 
 
 def _registered(versions: list[dict], mar_name: str, version: str | None) -> bool:

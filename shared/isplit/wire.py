@@ -22,23 +22,27 @@ Byte layout (every multi-byte field little-endian; offsets in bytes)::
     12+4*ndim+Q   4        uint32     L, payload length in bytes as stored (after compression)
     16+4*ndim+Q   L        -          payload: the elements in row-major (C) order
 
-    encoding  code  element    Q (quantisation parameters)
-    fp32      1     float32    0
-    fp16      2     float16    0
-    int8      3     int8       8: float32 scale, int32 zero_point (per tensor)
-    int8-channel 4  int8       8*C: float32 scale[C] then int32 zero_point[C], C = shape[1]
-                               (one pair per channel of dim 1; needs ndim >= 2)
+    encoding      code  element  Q (quantisation parameters, after the shape)
+    fp32          1     float32  0
+    fp16          2     float16  0
+    int8          3     int8     8: float32 scale, int32 zero_point (one pair for the tensor)
+    int8-channel  4     int8     8*C: float32 scale[C], then int32 zero_point[C], C = shape[1]
+                                 (one pair per index of dim 1; needs ndim >= 2)
 
 The message is exactly ``16 + 4*ndim + Q + L`` bytes; trailing bytes are an error.
-Uncompressed, ``L = prod(shape) * element size``. Compressed, the payload inflates to exactly
-that many bytes. Quantised elements decode as ``x = (q - zero_point) * scale`` with ``scale``
-finite and > 0 and ``zero_point`` in [-128, 127]; the encoder picks an affine range that holds
-0 exactly and keeps every element within ``scale / 2`` of its original value.
+Uncompressed, ``L = prod(shape) * element size``; compressed, the payload inflates to exactly
+that many bytes. Quantised elements decode (in float32) as ``x = (q - zero_point) * scale``;
+``scale`` must be finite and > 0, ``zero_point`` in [-128, 127]. This encoder quantises each
+range (the tensor, or one channel) as: ``lo = min(min(x), 0)``, ``hi = max(max(x), 0)``,
+``scale = (hi - lo) / 254`` rounded up to float32 (1.0 when ``hi == lo``),
+``zero_point = round(-127 - lo / scale)``, ``q = clamp(round(x / scale) + zero_point, -128, 127)``;
+0 is then exact and every element within ``scale / 2`` of its value.
 
 A decoder refuses, with :class:`WireError`: a wrong magic, another version, unknown codes or
-flags, non-zero reserved bytes, a message shorter or longer than its header says, a shape
-other than the expected one, and anything whose message or decoded float32 tensor would
-exceed ``max_bytes`` (checked from the header, before inflating, so a zip bomb costs nothing).
+flags, non-zero reserved bytes, invalid quantisation parameters, a message shorter or longer
+than its header says, a corrupt or over-long zlib stream, a shape other than the expected
+one, and a message or decoded float32 tensor larger than ``max_bytes`` (checked from the
+header, before inflating: a zip bomb costs nothing). A batch is a tensor with a leading N dim.
 """
 
 from __future__ import annotations

@@ -348,6 +348,7 @@ class KubernetesExecutor:
         """Watch Job ``name`` until it finishes; after ``timeout_seconds`` delete it and report
         ``timed_out``."""
         from kubernetes import watch
+        from kubernetes.client.exceptions import ApiException
 
         batch, _ = self._apis()
         deadline = self._clock() + timeout_seconds
@@ -367,10 +368,16 @@ class KubernetesExecutor:
                 resource_version=current.metadata.resource_version,
                 timeout_seconds=max(1, min(int(remaining), 300)),
             )
-            for event in stream:
-                outcome = job_outcome(_as_dict(batch, event["object"]))
-                if outcome is not None:
-                    return outcome
+            try:
+                for event in stream:
+                    if event["type"] == "DELETED":
+                        return JobOutcome(name, "failed", "Deleted", "the Job was deleted before it finished")
+                    outcome = job_outcome(_as_dict(batch, event["object"]))
+                    if outcome is not None:
+                        return outcome
+            except ApiException as exc:
+                if exc.status != 410:  # 410 Gone: the resource version expired; read again
+                    raise
 
     def _delete(self, name: str, namespace: str) -> None:
         from kubernetes.client.exceptions import ApiException

@@ -1,0 +1,448 @@
+"""Benchmark the importance engine against the authors' procedure, on one model and one image set.
+
+Three ways to compute the same I-SPLIT curve (METHOD.md):
+
+1. the authors' procedure, re-implemented: batch size 1 and, for every cut layer, a forward
+   pass of the whole network (re-running every earlier layer to get that layer's activation)
+   then a backward pass from the class score to that activation: the cost grows with the
+   square of the depth. Like the authors, it visits only the non-skipped layers; unlike them it
+   keeps running sums of the maps rather than every per-image map, and computes no parameter
+   gradients (both only make it faster);
+2. a per-image single pass: batch size 1, every cut in one forward and one backward
+   (``accumulate_importance`` with ``batch_size=1``);
+3. the engine: ``accumulate_importance`` with a batch.
+
+All three run on the first ``--ref-images`` images and must agree (max relative CUI
+difference <= 1e-4 in fp32); the authors' throughput comes from that run. Methods 2 and 3 are
+then timed on more images. On CUDA the engine's achieved fraction of a peak FLOP rate is
+reported, and ``--amp bf16`` also runs the engine under bf16 autocast and compares its curve
+with the fp32 one.
+
+Models are randomly initialised (seeded); images are scikit-learn digits or seeded noise,
+resized to the input size. Exits 1 when a check fails.
+
+    PYTHONPATH=shared python benchmarks/bench_importance.py --arch vgg16 --input-size 64 \
+        --images 64 --ref-images 8 --batch-size 16 --device cpu --json-out var/bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from isplit.cuts import CutPoint, find_cut_points
+from isplit.data import load_dataset, to_model_input
+from isplit.importance import accumulate_importance, curve_from_stats
+from isplit.zoo import build_model
+
+CUI_TOLERANCE = 1e-4  # max relative CUI difference between methods in fp32
+BF16_TOLERANCE = 0.02  # max |delta log10 CUI| of the bf16 engine against fp32
+FWD_BWD_FACTOR = 2.0  # fwd+bwd FLOPs / fwd FLOPs when the backward needs input gradients only
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", default="vgg16")
+    p.add_argument("--input-size", type=int, default=64)
+    p.add_argument("--width", type=float, default=1.0, help="VGG channel multiplier")
+    p.add_argument("--in-channels", type=int, default=3)
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--images", type=int, default=64, help="images for the timed engine runs")
+    p.add_argument("--ref-images", type=int, default=8, help="images for the authors' procedure and the check")
+    p.add_argument("--per-image-images", type=int, default=None, help="images for the timed per-image pass")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--amp", choices=["none", "bf16"], default="none")
+    p.add_argument("--data", choices=["digits", "synthetic"], default="digits")
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=989.0,
+        help="peak dense TFLOP/s for the achieved-fraction figure (989 = H100 SXM bf16 dense)",
+    )
+    p.add_argument("--json-out", type=Path, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+# -- inputs ---------------------------------------------------------------------------------
+
+
+def make_images(args: argparse.Namespace, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` normalised images ``(n, C, S, S)`` float32 and labels ``(n,)`` int64 (CPU)."""
+    if args.data == "synthetic":
+        g = torch.Generator().manual_seed(args.seed)
+        raw = torch.randint(0, 256, (n, args.in_channels, 32, 32), generator=g, dtype=torch.uint8)
+        labels = torch.randint(0, args.num_classes, (n,), generator=g)
+    else:
+        digits = load_dataset("digits", "train")
+        idx = torch.arange(n) % len(digits)  # cycles when more images are asked for than exist
+        raw = digits.images[idx].expand(-1, args.in_channels, -1, -1)
+        labels = digits.labels[idx] % args.num_classes
+    mean, std = [0.5] * args.in_channels, [0.25] * args.in_channels
+    return to_model_input(raw, args.input_size, mean, std), labels
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# -- timing ---------------------------------------------------------------------------------
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> tuple[object, float]:
+    """``(fn(), seconds)`` with the device synchronised on both sides."""
+    synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    synchronize(device)
+    return out, time.perf_counter() - start
+
+
+# -- method 1: the authors' procedure -------------------------------------------------------
+
+
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[None]:
+    """Eval mode, no parameter gradients, no in-place activations; restored afterwards."""
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    inplace = [m for m in model.modules() if getattr(m, "inplace", False) is True]
+    model.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    for m in inplace:
+        m.inplace = False
+    try:
+        yield
+    finally:
+        model.train(was_training)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for m in inplace:
+            m.inplace = True
+
+
+def gradcam(activation: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM with the channel mean, written out independently of the engine:
+    ``(1, C, H, W)`` or ``(1, F)`` -> ``(H, W)`` float64."""
+    if activation.dim() == 2:
+        activation, gradient = activation[..., None, None], gradient[..., None, None]
+    weights = gradient.mean(dim=(2, 3), keepdim=True)
+    return torch.relu((weights * activation).mean(dim=1))[0].double()
+
+
+def authors_procedure(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, points: list[CutPoint], device: torch.device
+) -> dict[str, float]:
+    """CUI per non-skipped cut point: per image, per cut, a whole forward pass and a backward
+    pass from the correct class's score to that cut's activation."""
+    active = [p.module for p in points if not p.skipped]
+    sums: dict[str, torch.Tensor] = {}
+    with frozen(model):
+        for x, y in zip(images, labels, strict=True):
+            x = x[None].to(device)
+            for name in active:
+                held: dict[str, torch.Tensor] = {}
+
+                def as_leaf(_m: nn.Module, _i: object, out: torch.Tensor, held: dict = held) -> torch.Tensor:
+                    # The rest of the network runs on a leaf copy, so backward stops at this layer.
+                    held["a"] = out.detach().requires_grad_(True)
+                    return held["a"]
+
+                handle = model.get_submodule(name).register_forward_hook(as_leaf)
+                try:
+                    score = model(x)[0, int(y)]
+                finally:
+                    handle.remove()
+                (grad,) = torch.autograd.grad(score, held["a"])
+                cam = gradcam(held["a"].detach(), grad)
+                sums[name] = cam if name not in sums else sums[name] + cam
+    n = len(labels)
+    return {name: abs(float(sums[name].sum()) / n / sums[name].numel()) for name in active}
+
+
+# -- methods 2 and 3: the engine ------------------------------------------------------------
+
+
+def engine(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    points: list[CutPoint],
+    device: torch.device,
+    batch_size: int,
+    autocast_dtype: torch.dtype | None = None,
+):
+    return accumulate_importance(
+        model,
+        (images, labels),
+        batch_size=batch_size,
+        device=device,
+        cut_points=points,
+        autocast_dtype=autocast_dtype,
+    )
+
+
+# -- checks and FLOPs -----------------------------------------------------------------------
+
+
+def max_relative_difference(a: dict[str, float], b: dict[str, float]) -> float:
+    """Max over the common keys of ``|a - b| / max(|a|, |b|)`` (0 where both are 0)."""
+    worst = 0.0
+    for key in a.keys() & b.keys():
+        scale = max(abs(a[key]), abs(b[key]))
+        if scale > 0:
+            worst = max(worst, abs(a[key] - b[key]) / scale)
+    return worst
+
+
+def forward_flops_per_image(model: nn.Module, input_shape: tuple[int, ...], device: torch.device) -> float:
+    """2 x the multiply-accumulates of every Conv2d and Linear layer for one image."""
+    macs = 0
+
+    def count(module: nn.Module, _inp: object, out: torch.Tensor) -> None:
+        nonlocal macs
+        if isinstance(module, nn.Conv2d):
+            kh, kw = module.kernel_size
+            macs += out.numel() * (module.in_channels // module.groups) * kh * kw
+        else:
+            macs += out.numel() * module.in_features
+
+    layers = [m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    handles = [m.register_forward_hook(count) for m in layers]
+    try:
+        with torch.no_grad(), frozen(model):
+            model(torch.zeros(1, *input_shape, device=device))
+    finally:
+        for h in handles:
+            h.remove()
+    return 2.0 * macs
+
+
+# -- the run --------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    torch.manual_seed(args.seed)
+    model = build_model(
+        args.arch,
+        num_classes=args.num_classes,
+        in_channels=args.in_channels,
+        input_size=args.input_size,
+        width=args.width,
+    ).to(device)
+    shape = (args.in_channels, args.input_size, args.input_size)
+    points = find_cut_points(model, shape)
+    n_ref = min(args.ref_images, args.images)
+    n_single = args.per_image_images or max(n_ref, min(args.images, 64))
+    images, labels = make_images(args, max(args.images, n_single))
+    images = images.to(device)  # inputs live on the device: we time the analysis, not the copy
+    ref_x, ref_y = images[:n_ref], labels[:n_ref]
+    bs = args.batch_size
+
+    # Warm-up (CUDA kernels, cuDNN autotuning, allocator) outside every timed region.
+    authors_procedure(model, ref_x[:1], ref_y[:1], points, device)
+    engine(model, images[:2], labels[:2], points, device, 1)
+    engine(model, images[:bs], labels[:bs], points, device, bs)
+
+    # The three methods on the same reference images: agreement and the authors' throughput.
+    authors_cui, authors_s = timed(lambda: authors_procedure(model, ref_x, ref_y, points, device), device)
+    single_ref = engine(model, ref_x, ref_y, points, device, 1)
+    batched_ref = engine(model, ref_x, ref_y, points, device, bs)
+    single_cui = dict(zip((p.module for p in points), single_ref.cui(), strict=True))
+    batched_cui = dict(zip((p.module for p in points), batched_ref.cui(), strict=True))
+    agreement = {
+        "images": n_ref,
+        "authors_vs_engine": max_relative_difference(authors_cui, batched_cui),
+        "per_image_vs_engine": max_relative_difference(single_cui, batched_cui),
+        "authors_vs_per_image": max_relative_difference(authors_cui, single_cui),
+        "tolerance": CUI_TOLERANCE,
+    }
+    agreement["ok"] = all(agreement[k] <= CUI_TOLERANCE for k in agreement if k.count("_vs_"))
+
+    # Throughput of the single pass (batch 1) and of the engine.
+    _, single_s = timed(lambda: engine(model, images[:n_single], labels[:n_single], points, device, 1), device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    fp32_stats, engine_s = timed(
+        lambda: engine(model, images[: args.images], labels[: args.images], points, device, bs), device
+    )
+    methods = {
+        "authors": {"images": n_ref, "seconds": authors_s, "batch_size": 1},
+        "per_image": {"images": n_single, "seconds": single_s, "batch_size": 1},
+        "engine": {"images": args.images, "seconds": engine_s, "batch_size": bs},
+    }
+    if device.type == "cuda":
+        methods["engine"]["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    for m in methods.values():
+        m["images_per_second"] = m["images"] / m["seconds"]
+
+    fwd = forward_flops_per_image(model, shape, device)
+    flops = {
+        "forward_flops_per_image": fwd,
+        "convention": (
+            "forward = 2 x conv/linear MACs; engine fwd+bwd = 2 x forward "
+            "(the backward computes input gradients only, no weight gradients)"
+        ),
+        "engine_tflops": methods["engine"]["images_per_second"] * FWD_BWD_FACTOR * fwd / 1e12,
+    }
+    if device.type == "cuda":
+        flops["peak_tflops"] = args.peak_tflops
+        flops["engine_fraction_of_peak"] = flops["engine_tflops"] / args.peak_tflops
+
+    result = {
+        "arch": args.arch,
+        "width": args.width,
+        "input_shape": list(shape),
+        "num_classes": args.num_classes,
+        "data": args.data,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({cpu_name()})",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cut_points": len(points),
+        "non_skipped_cut_points": sum(not p.skipped for p in points),
+        "methods": methods,
+        "speedup": {
+            "engine_vs_authors": methods["engine"]["images_per_second"] / methods["authors"]["images_per_second"],
+            "engine_vs_per_image": methods["engine"]["images_per_second"]
+            / methods["per_image"]["images_per_second"],
+            "per_image_vs_authors": methods["per_image"]["images_per_second"]
+            / methods["authors"]["images_per_second"],
+        },
+        "agreement": agreement,
+        "flops": flops,
+    }
+
+    if args.amp == "bf16":
+        bf16_stats, bf16_s = timed(
+            lambda: engine(model, images[: args.images], labels[: args.images], points, device, bs, torch.bfloat16),
+            device,
+        )
+        result["bf16"] = compare_bf16(fp32_stats, bf16_stats, args.images / bf16_s, fwd, args, device)
+    return result
+
+
+def compare_bf16(fp32_stats, bf16_stats, images_per_second: float, fwd: float, args, device) -> dict:
+    fp32_curve, bf16_curve = curve_from_stats(fp32_stats), curve_from_stats(bf16_stats)
+    deltas = [
+        abs(a.log10_cui - b.log10_cui)
+        for a, b in zip(fp32_curve.points, bf16_curve.points, strict=True)
+        if not a.skipped
+    ]
+    out = {
+        "images_per_second": images_per_second,
+        "speedup_vs_fp32_engine": None,
+        "candidates_fp32": fp32_curve.candidates,
+        "candidates_bf16": bf16_curve.candidates,
+        "candidates_unchanged": fp32_curve.candidates == bf16_curve.candidates,
+        "best_unchanged": fp32_curve.best == bf16_curve.best,
+        "max_abs_delta_log10_cui": max(deltas),
+        "tolerance": BF16_TOLERANCE,
+        "engine_tflops": images_per_second * FWD_BWD_FACTOR * fwd / 1e12,
+    }
+    out["ok"] = out["candidates_unchanged"] and out["max_abs_delta_log10_cui"] <= BF16_TOLERANCE
+    if device.type == "cuda":
+        out["engine_fraction_of_peak"] = out["engine_tflops"] / args.peak_tflops
+    return out
+
+
+def report(r: dict) -> str:
+    m, s, a, f = r["methods"], r["speedup"], r["agreement"], r["flops"]
+    c, size = r["input_shape"][0], r["input_shape"][1]
+    lines = [
+        f"I-SPLIT importance benchmark: {r['arch']} (width {r['width']}) {c}x{size}x{size}, "
+        f"{r['num_classes']} classes, random init, {r['data']} images",
+        f"device {r['device']}, torch {r['torch']}, {r['threads']} threads; "
+        f"{r['cut_points']} cut points ({r['non_skipped_cut_points']} non-skipped)",
+        "",
+        f"{'method':<46} {'batch':>5} {'images':>6} {'seconds':>9} {'images/s':>10} {'vs authors':>11}",
+    ]
+    names = {
+        "authors": "authors' procedure (re-forward per cut)",
+        "per_image": "per-image single pass (all cuts, 1 fwd+bwd)",
+        "engine": "engine (accumulate_importance)",
+    }
+    base = m["authors"]["images_per_second"]
+    for key, label in names.items():
+        row = m[key]
+        lines.append(
+            f"{label:<46} {row['batch_size']:>5} {row['images']:>6} {row['seconds']:>9.3f} "
+            f"{row['images_per_second']:>10.2f} {row['images_per_second'] / base:>10.1f}x"
+        )
+    lines += [
+        "",
+        f"speed-up: engine / authors = {s['engine_vs_authors']:.1f}x, engine / per-image = "
+        f"{s['engine_vs_per_image']:.1f}x, per-image / authors = {s['per_image_vs_authors']:.1f}x",
+        f"agreement on {a['images']} images, max relative CUI difference: authors vs engine "
+        f"{a['authors_vs_engine']:.2e}, per-image vs engine {a['per_image_vs_engine']:.2e}, authors vs "
+        f"per-image {a['authors_vs_per_image']:.2e} (tolerance {a['tolerance']:.0e}): "
+        f"{'OK' if a['ok'] else 'FAILED'}",
+        f"FLOPs: forward {f['forward_flops_per_image'] / 1e9:.3f} GFLOP/image; {f['convention']}",
+        f"engine achieved {f['engine_tflops'] * 1e3:.1f} GFLOP/s (fp32)"
+        + (
+            f" = {100 * f['engine_fraction_of_peak']:.2f} % of {f['peak_tflops']:.0f} TFLOP/s peak"
+            if "peak_tflops" in f
+            else ""
+        ),
+    ]
+    if "peak_memory_gib" in m["engine"]:
+        lines.append(f"engine peak GPU memory {m['engine']['peak_memory_gib']:.2f} GiB")
+    if "bf16" in r:
+        b = r["bf16"]
+        lines.append(
+            f"bf16 autocast engine: {b['images_per_second']:.2f} images/s "
+            f"({b['images_per_second'] / m['engine']['images_per_second']:.2f}x fp32 engine, "
+            f"{b['engine_tflops'] * 1e3:.1f} GFLOP/s"
+            + (f" = {100 * b['engine_fraction_of_peak']:.2f} % of peak" if "engine_fraction_of_peak" in b else "")
+            + f"); candidates unchanged: {b['candidates_unchanged']}, best unchanged: {b['best_unchanged']}, "
+            f"max |delta log10 CUI| {b['max_abs_delta_log10_cui']:.4f} (target <= {b['tolerance']}): "
+            f"{'OK' if b['ok'] else 'MISSED'}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.amp == "bf16" and not args.device.startswith("cuda"):
+        print("note: bf16 autocast on a CPU is slow and only checks the numbers", file=sys.stderr)
+    result = run(args)
+    if "bf16" in result:
+        result["bf16"]["speedup_vs_fp32_engine"] = (
+            result["bf16"]["images_per_second"] / result["methods"]["engine"]["images_per_second"]
+        )
+    print(report(result))
+    if args.json_out is not None:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(json.dumps(result, indent=1))
+        print(f"wrote {args.json_out}")
+    ok = result["agreement"]["ok"] and result.get("bf16", {}).get("ok", True)
+    return 0 if ok and not math.isnan(result["speedup"]["engine_vs_authors"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

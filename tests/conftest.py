@@ -1,0 +1,3 @@
+"""Shared fixtures: real Kafka, real TorchServe, real service processes, a small trained model."""
+
+pytest_plugins = ["tests.fixtures.kafka", "tests.fixtures.torchserve", "tests.fixtures.services"]
