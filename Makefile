@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.isplit-installed
 RUN_DIR ?= var
 
-.PHONY: setup test lint fmt demo up down status bench clean-venv
+.PHONY: setup system-deps test lint fmt demo up down status bench clean-venv
 
 setup: $(STAMP) system-deps
 	@scripts/kafka fetch
@@ -25,6 +25,24 @@ system-deps:
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# The local stack: Kafka, analyzer :8000, trainer :9101, TorchServe :8080-8082, Prometheus :9090.
+up: setup
+	$(VENV)/bin/isplit stack up
+
+down:
+	@if [ -x $(VENV)/bin/isplit ]; then $(VENV)/bin/isplit stack down; fi
+
+status:
+	$(VENV)/bin/isplit stack status
+
+# The main job: the product end to end (brings the stack up if it is down).
+demo: setup
+	$(VENV)/bin/isplit demo
+
+bench: setup
+	$(PY) benchmarks/bench_importance.py --arch vgg16 --input-size 64 --device cpu
+	$(PY) benchmarks/bench_serving.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check shared services tests benchmarks scripts

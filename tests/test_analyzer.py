@@ -178,6 +178,7 @@ def test_listing_is_paginated_newest_first(analyzer, model_id):
 
 def test_readyz_and_metrics(analyzer, model_id):
     assert analyzer.get("/readyz").status_code == 200
+    analyzer.submit(model_id, options={"max_images": 20, "top_k": 0})
     text = analyzer.get("/metrics").text
     assert 'isplit_analyzer_jobs_total{status="queued"} 1.0' in text
     assert "isplit_analyzer_http_request_seconds_bucket" in text

@@ -16,7 +16,7 @@ from pathlib import Path
 from isplit import IsplitError
 
 # Modules that add their own subcommands: each has ``register_cli(subparsers)``.
-_PLUGINS = ("isplit.edge", "isplit.stack", "isplit.experiment")
+_PLUGINS = ("isplit.edge", "isplit.stack", "isplit.experiment", "isplit.demo")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -21,10 +21,19 @@ from PIL import Image, UnidentifiedImageError
 from isplit import IsplitError, wire
 from isplit.data import preprocess_image
 
+# Answers worth another try: the server is overloaded or restarting, not refusing the input.
+_RETRY_STATUSES = frozenset({500, 502, 503, 504, 507})
+_HEAD_KEYS = ("in_channels", "input_size", "mean", "std")
+
 
 @dataclass
 class EdgePrediction:
-    """Predictions for a batch of images and where the time went (milliseconds)."""
+    """Predictions for a batch of images and where the time went.
+
+    ``predictions[i]`` is image ``i``'s top-k list ``[{"class", "name", "probability"}, ...]``;
+    times are milliseconds; ``bytes_sent`` is the request body (one wire message) in bytes;
+    ``extra`` holds ``preprocess_ms`` when the images came from files.
+    """
 
     predictions: list[list[dict]]
     head_ms: float
@@ -36,43 +45,55 @@ class EdgePrediction:
 
 
 class EdgeClient:
-    """Runs a split model's head locally and its tail through an HTTP endpoint."""
+    """Runs a split model's head locally and its tail through an HTTP endpoint.
+
+    ``timeout_s`` bounds each HTTP attempt (seconds); a connection failure, a timeout or a
+    5xx answer is retried ``retries`` times with exponential back-off (0.2 s, 0.4 s, ...);
+    a 4xx answer (bad input) is not. User errors raise :class:`isplit.IsplitError`.
+    """
 
     def __init__(
         self, head_path: Path, endpoint: str, *, encoding: str = "fp16", timeout_s: float = 10, retries: int = 2
     ) -> None:
+        if encoding not in wire.ENCODINGS:
+            raise IsplitError(f"unknown encoding {encoding!r}; choose one of {', '.join(wire.ENCODINGS)}")
+        if timeout_s <= 0 or retries < 0:
+            raise IsplitError(f"timeout must be > 0 s and retries >= 0, got {timeout_s} and {retries}")
         head_path = Path(head_path)
         meta_path = head_path.with_suffix(".json")
         if not head_path.is_file() or not meta_path.is_file():
             raise IsplitError(f"head {head_path} or its metadata {meta_path} does not exist")
-        if encoding not in wire.ENCODINGS:
-            raise IsplitError(f"unknown encoding {encoding!r}; choose one of {', '.join(wire.ENCODINGS)}")
-        self.meta = json.loads(meta_path.read_text())
-        self.head = torch.jit.load(str(head_path), map_location="cpu").eval()
+        try:
+            self.meta = json.loads(meta_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise IsplitError(f"head metadata {meta_path} is not readable JSON: {exc}") from exc
+        missing = [k for k in _HEAD_KEYS if not isinstance(self.meta, dict) or k not in self.meta]
+        if missing:
+            raise IsplitError(f"head metadata {meta_path} lacks {', '.join(missing)}")
+        try:
+            self.head = torch.jit.load(str(head_path), map_location="cpu").eval()
+        except (RuntimeError, ValueError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise IsplitError(f"head {head_path} is not a TorchScript module: {first[:200]}") from exc
         self.endpoint, self.encoding, self.timeout_s, self.retries = endpoint, encoding, timeout_s, retries
         self.session = requests.Session()
 
+    def close(self) -> None:
+        """Close the pooled HTTP connections."""
+        self.session.close()
+
+    def __enter__(self) -> EdgeClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def preprocess(self, paths: list[Path]) -> torch.Tensor:
-        """Image files -> ``(N, C, S, S)`` float32, as in training."""
-        images = []
-        for path in paths:
-            try:
-                with Image.open(path) as im:
-                    images.append(
-                        preprocess_image(
-                            im,
-                            in_channels=self.meta["in_channels"],
-                            input_size=self.meta["input_size"],
-                            mean=self.meta["mean"],
-                            std=self.meta["std"],
-                        )
-                    )
-            except (FileNotFoundError, UnidentifiedImageError, OSError) as exc:
-                raise IsplitError(f"cannot read image {path}: {exc}") from exc
-        return torch.stack(images)
+        """Image files -> ``(N, C, S, S)`` float32, as in training (``isplit.data.preprocess_image``)."""
+        return load_images(paths, **{k: self.meta[k] for k in _HEAD_KEYS})
 
     def predict_tensor(self, x: torch.Tensor, top_k: int = 3) -> EdgePrediction:
-        """Predict for preprocessed images ``(N, C, S, S)`` float32."""
+        """Predict for preprocessed images ``(N, C, S, S)`` float32: head, encode, POST."""
         t0 = time.perf_counter()
         with torch.inference_mode():
             code = self.head(x)
@@ -81,8 +102,11 @@ class EdgeClient:
         t2 = time.perf_counter()
         body = self._post(payload, top_k)
         t3 = time.perf_counter()
+        predictions = body.get("predictions") if isinstance(body, dict) else None
+        if not isinstance(predictions, list) or len(predictions) != x.shape[0]:
+            raise IsplitError(f"tail at {self.endpoint} answered without {x.shape[0]} predictions: {str(body)[:200]}")
         return EdgePrediction(
-            predictions=body["predictions"],
+            predictions=predictions,
             head_ms=(t1 - t0) * 1e3,
             encode_ms=(t2 - t1) * 1e3,
             network_tail_ms=(t3 - t2) * 1e3,
@@ -91,48 +115,100 @@ class EdgeClient:
         )
 
     def predict_files(self, paths: list[Path], top_k: int = 3) -> EdgePrediction:
+        """Predict for image files (one request for all of them); adds ``extra["preprocess_ms"]``."""
         t0 = time.perf_counter()
         x = self.preprocess(paths)
+        preprocess_ms = (time.perf_counter() - t0) * 1e3
         out = self.predict_tensor(x, top_k)
-        out.extra["preprocess_ms"] = (time.perf_counter() - t0) * 1e3 - out.total_ms
+        out.extra["preprocess_ms"] = preprocess_ms
         return out
 
     def _post(self, payload: bytes, top_k: int) -> dict:
-        last: Exception | None = None
+        headers = {"Content-Type": "application/octet-stream", "X-Isplit-Top-K": str(top_k)}
+        problem = ""
         for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(0.2 * 2 ** (attempt - 1))
             try:
-                r = self.session.post(
-                    self.endpoint,
-                    data=payload,
-                    headers={"Content-Type": "application/octet-stream", "X-Isplit-Top-K": str(top_k)},
-                    timeout=self.timeout_s,
-                )
-            except requests.RequestException as exc:  # network trouble: retry with back-off
-                last = exc
-                time.sleep(0.2 * 2**attempt)
+                r = self.session.post(self.endpoint, data=payload, headers=headers, timeout=self.timeout_s)
+            except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema) as exc:
+                raise IsplitError(f"invalid endpoint {self.endpoint!r}: {exc}") from exc
+            except requests.Timeout:
+                problem = f"no answer within {self.timeout_s:g} s"
                 continue
-            if r.status_code >= 500 and attempt < self.retries:
-                last = IsplitError(f"tail answered {r.status_code}")
-                time.sleep(0.2 * 2**attempt)
+            except requests.ConnectionError as exc:
+                problem = f"connection failed ({_root_cause(exc)})"
+                continue
+            if r.status_code in _RETRY_STATUSES:
+                problem = f"it answered {r.status_code}: {_server_message(r)}"
                 continue
             if r.status_code != 200:
-                raise IsplitError(f"tail at {self.endpoint} answered {r.status_code}: {r.text[:300]}")
-            return r.json()
-        raise IsplitError(f"tail at {self.endpoint} unreachable after {self.retries + 1} tries: {last}")
+                raise IsplitError(f"tail at {self.endpoint} answered {r.status_code}: {_server_message(r)}")
+            try:
+                return r.json()
+            except ValueError:
+                raise IsplitError(f"tail at {self.endpoint} answered 200 without JSON: {r.text[:200]!r}") from None
+        tries = "1 try" if self.retries == 0 else f"{self.retries + 1} tries"
+        raise IsplitError(f"tail at {self.endpoint} unreachable after {tries}: {problem}")
+
+
+def load_images(
+    paths: list[Path], *, in_channels: int, input_size: int, mean: list[float], std: list[float]
+) -> torch.Tensor:
+    """Read and preprocess image files as in training: ``(N, in_channels, S, S)`` float32."""
+    if not paths:
+        raise IsplitError("no image files given")
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                images.append(
+                    preprocess_image(im, in_channels=in_channels, input_size=input_size, mean=mean, std=std)
+                )
+        except FileNotFoundError:
+            raise IsplitError(f"image {path} does not exist") from None
+        except (UnidentifiedImageError, OSError) as exc:
+            raise IsplitError(f"cannot read image {path}: {exc}") from None
+    return torch.stack(images)
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost reason of a requests error, e.g. ``[Errno 111] Connection refused``."""
+    while exc.__context__ is not None or exc.__cause__ is not None:
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    text = str(exc)
+    # urllib3 prefixes the connection object: "<...HTTPConnection object at 0x..>: Failed to ..."
+    return text.split(">: ", 1)[-1] if ">: " in text else text
+
+
+def _server_message(r: requests.Response) -> str:
+    try:
+        body = r.json()
+    except ValueError:
+        body = None
+    message = body.get("message") if isinstance(body, dict) else None
+    return str(message or r.text.strip() or r.reason)[:300]
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    client = EdgeClient(Path(args.head), args.endpoint, encoding=args.encoding, timeout_s=args.timeout)
     paths = [Path(p) for p in args.images]
-    out = client.predict_files(paths, top_k=args.top_k)
-    agree = None
-    if args.compare_local:
-        from isplit.checkpoint import load_model
+    with EdgeClient(
+        Path(args.head), args.endpoint, encoding=args.encoding, timeout_s=args.timeout, retries=args.retries
+    ) as client:
+        full = info = None
+        if args.compare_local:
+            from isplit.checkpoint import load_model
 
-        full, _ = load_model(Path(args.compare_local))
+            full, info = load_model(Path(args.compare_local))
+        out = client.predict_files(paths, top_k=args.top_k)
+    agree = None
+    if full is not None and info is not None:
+        # The full model gets its own checkpoint's preprocessing (identical to the head's when
+        # the head was exported from that checkpoint).
+        x = load_images(paths, in_channels=info.in_channels, input_size=info.input_size, mean=info.mean, std=info.std)
         with torch.inference_mode():
-            local = full(client.preprocess(paths)).argmax(1).tolist()
-        agree = [p[0]["class"] == c for p, c in zip(out.predictions, local, strict=True)]
+            local = full(x).argmax(1).tolist()
+        agree = [bool(p) and p[0]["class"] == c for p, c in zip(out.predictions, local, strict=True)]
     for i, (path, preds) in enumerate(zip(paths, out.predictions, strict=True)):
         top = ", ".join(f"{p['name']} {p['probability']:.3f}" for p in preds)
         flag = "" if agree is None else ("  (full model agrees)" if agree[i] else "  (full model DISAGREES)")
@@ -153,7 +229,8 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--endpoint", required=True, help="the tail's URL, e.g. http://127.0.0.1:8080/predictions/NAME")
     p.add_argument("--encoding", default="fp16", help=f"wire encoding: {', '.join(wire.ENCODINGS)}")
     p.add_argument("--top-k", type=int, default=3)
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds per request")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds per request attempt")
+    p.add_argument("--retries", type=int, default=2, help="extra attempts on connection errors, timeouts and 5xx")
     p.add_argument("--compare-local", metavar="FULL_MODEL", help="also run this full checkpoint locally")
     p.add_argument("images", nargs="+")
     p.set_defaults(func=_cmd_predict)

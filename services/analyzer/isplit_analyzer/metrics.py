@@ -17,3 +17,6 @@ HTTP_SECONDS = Histogram(
 )
 IN_PROGRESS = Gauge("isplit_analyzer_jobs_in_progress", "Analyses running now")
 RESULTS_CONSUMED = Counter("isplit_analyzer_results_consumed", "Training results attached to candidates")
+
+for _status in ("queued", "succeeded", "failed", "cancelled"):
+    JOBS.labels(_status)  # export every series from the start
