@@ -64,3 +64,19 @@ def collect(
         return found
     finally:
         consumer.close(autocommit=False)
+
+
+def start_group_at_end(bootstrap: str, group: str, topic: str) -> None:
+    """Commit ``group``'s offsets at the current end of ``topic``, so a service started with
+    that (new) group sees only what a test publishes from now on, not every earlier run's."""
+    from kafka import KafkaConsumer, TopicPartition
+    from kafka.structs import OffsetAndMetadata
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    try:
+        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
+        ends = consumer.end_offsets(parts)
+        consumer.assign(parts)
+        consumer.commit({tp: OffsetAndMetadata(ends[tp], "", -1) for tp in parts})
+    finally:
+        consumer.close(autocommit=False)

@@ -11,8 +11,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
-
 from isplit import IsplitError
 from isplit.cuts import find_cut_points
 from isplit.importance import (
@@ -24,6 +22,7 @@ from isplit.importance import (
     log10_cui,
 )
 from isplit.zoo import build_model
+from torch import nn
 
 NUM_CLASSES = 3
 
@@ -62,7 +61,7 @@ def reference_cui(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, 
         acts: dict[str, torch.Tensor] = {}
         handles = [
             model.get_submodule(name).register_forward_hook(
-                lambda _m, _i, out, name=name: acts.__setitem__(name, out)
+                lambda _m, _i, out, name=name, acts=acts: acts.__setitem__(name, out)
             )
             for name in modules
         ]

@@ -26,7 +26,7 @@ from isplit.messages import (
     candidate_id_for,
 )
 from tests.fixtures.services import ServiceProcess, free_port
-from tests.kafka_util import collect, send, send_raw
+from tests.kafka_util import collect, send, send_raw, start_group_at_end
 
 pytestmark = [pytest.mark.kafka, pytest.mark.torchserve]
 
@@ -52,13 +52,15 @@ def make_candidate(cut: str = "features.15", epochs: int = 1, train_images: int 
 
 @pytest.fixture
 def trainer_env(kafka_bootstrap: str, torchserve, artifact_root: Path) -> dict[str, str]:
+    group = "test-trainer-" + uuid.uuid4().hex[:8]
+    start_group_at_end(kafka_bootstrap, group, TOPIC_CANDIDATES)
     return {
         "ISPLIT_KAFKA_BOOTSTRAP": kafka_bootstrap,
         "ISPLIT_ARTIFACT_ROOT": str(artifact_root),
         "ISPLIT_TORCHSERVE_MANAGEMENT_URL": torchserve.management_url,
         "ISPLIT_TORCHSERVE_INFERENCE_URL": torchserve.inference_url,
         "ISPLIT_TORCHSERVE_MODEL_STORE": str(torchserve.model_store),
-        "ISPLIT_TRAINER_GROUP": "test-trainer-" + uuid.uuid4().hex[:8],
+        "ISPLIT_TRAINER_GROUP": group,
         "ISPLIT_TRAINER_DEVICE": "cpu",
     }
 

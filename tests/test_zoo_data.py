@@ -9,9 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from torch import nn
-
 from isplit import IsplitError
 from isplit import data as isplit_data
 from isplit.checkpoint import ModelInfo, load_model, read_checkpoint, save_checkpoint
@@ -24,6 +21,8 @@ from isplit.data import (
     to_model_input,
 )
 from isplit.zoo import ARCHS, build_model
+from PIL import Image
+from torch import nn
 
 # -- zoo ------------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,7 +72,10 @@ class EdgeClient:
         if missing:
             raise IsplitError(f"head metadata {meta_path} lacks {', '.join(missing)}")
         try:
-            self.head = torch.jit.load(str(head_path), map_location="cpu").eval()
+            with warnings.catch_warnings():
+                # torch deprecates torch.jit, but TorchScript is the head's contract (CONTRACTS.md).
+                warnings.filterwarnings("ignore", message=r"`torch\.jit", category=FutureWarning)
+                self.head = torch.jit.load(str(head_path), map_location="cpu").eval()
         except (RuntimeError, ValueError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise IsplitError(f"head {head_path} is not a TorchScript module: {first[:200]}") from exc
@@ -174,8 +178,11 @@ def load_images(
 
 def _root_cause(exc: BaseException) -> str:
     """The innermost reason of a requests error, e.g. ``[Errno 111] Connection refused``."""
-    while exc.__context__ is not None or exc.__cause__ is not None:
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    for _ in range(10):  # bounded: a cycle of causes would otherwise loop for ever
+        inner = exc.__cause__ or exc.__context__
+        if inner is None:
+            break
+        exc = inner
     text = str(exc)
     # urllib3 prefixes the connection object: "<...HTTPConnection object at 0x..>: Failed to ..."
     return text.split(">: ", 1)[-1] if ">: " in text else text

@@ -1,0 +1,216 @@
+"""The edge client against a real TorchServe: SDK, ``isplit edge predict``, and its errors.
+
+A real head/tail pair is built once per module: the session's narrow VGG11 on digits, a
+bottleneck retrained at ``features.5`` for two epochs on 300 images, exported, archived into
+the TorchServe fixture's model store and registered.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from isplit import IsplitError, wire
+from isplit import torchserve as ts
+from isplit.checkpoint import load_model
+from isplit.data import load_dataset
+from isplit.edge import EdgeClient
+from isplit.export import export_pair
+from isplit.retrain import retrain_split
+
+pytestmark = pytest.mark.torchserve
+
+CUT = "features.5"
+N_IMAGES = 4
+TIMING_LINE = re.compile(
+    r"^head \d+\.\d ms \| encode \d+\.\d\d ms \((?P<encoding>[\w-]+)\) \| sent (?P<bytes>\d+) B \| "
+    r"network\+tail \d+\.\d ms \| total \d+\.\d ms$",
+    re.MULTILINE,
+)
+
+
+@dataclass(frozen=True)
+class ServedPair:
+    head_pt: Path
+    tail_pt: Path
+    checkpoint: Path
+    endpoint: str
+    code_shape: tuple[int, ...]
+    images: list[Path]
+
+
+@pytest.fixture(scope="module")
+def served_pair(torchserve, digits_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedPair]:
+    """A retrained digits head/tail pair: head on disk, tail registered; four real test PNGs."""
+    work = tmp_path_factory.mktemp("edge")
+    model, info = load_model(digits_checkpoint)
+    train = load_dataset("digits", "train").subset(None, 300)
+    test = load_dataset("digits", "test")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model on a shared 2-core machine: 2 threads contend (10x slower)
+    try:
+        outcome = retrain_split(model, info, CUT, train, test.subset(None, 100), epochs=2, lr=1e-2, batch_size=32)
+    finally:
+        torch.set_num_threads(threads)
+    name = f"isplit-test-edge-{uuid.uuid4().hex[:8]}"
+    meta = {"model_name": name, "analysis_id": "test-edge", "candidate_id": name, "dataset": "digits"}
+    paths = export_pair(outcome.pair, info, work / "pair", meta)
+    mar = ts.build_mar(paths["tail.pt"], paths["tail.json"], name, "1.0", torchserve.model_store)
+    ts.register(torchserve.management_url, mar.name, name, batch_size=4, max_batch_delay_ms=1)
+    images = []
+    for i in range(N_IMAGES):  # 8x8 uint8 digits, saved as the edge would receive them
+        path = work / f"digit-{i}-label-{int(test.labels[i])}.png"
+        Image.fromarray(test.images[i, 0].numpy()).save(path)
+        images.append(path)
+    yield ServedPair(
+        head_pt=paths["head.pt"],
+        tail_pt=paths["tail.pt"],
+        checkpoint=digits_checkpoint,
+        endpoint=ts.inference_url(torchserve.inference_url, name),
+        code_shape=tuple(outcome.pair.code_shape),
+        images=images,
+    )
+    ts.unregister(torchserve.management_url, name)
+    mar.unlink(missing_ok=True)
+
+
+def _local_split(pair: ServedPair, client: EdgeClient, encoding: str) -> torch.Tensor:
+    """Probabilities ``(N, K)`` of head + wire round trip + tail run here."""
+    head, tail = torch.jit.load(str(pair.head_pt)), torch.jit.load(str(pair.tail_pt))
+    with torch.inference_mode():
+        code = wire.decode(wire.encode(head(client.preprocess(pair.images)), encoding))
+        return torch.softmax(tail(code), dim=1)
+
+
+def _isplit(*args: str) -> subprocess.CompletedProcess[str]:
+    command = [str(Path(sys.executable).parent / "isplit"), "edge", "predict", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: one thread is faster on a shared machine
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL, env=env)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# --- the SDK -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("encoding", ["fp16", "int8"])
+def test_predict_files_matches_head_and_tail_run_locally(served_pair: ServedPair, encoding: str) -> None:
+    with EdgeClient(served_pair.head_pt, served_pair.endpoint, encoding=encoding) as client:
+        out = client.predict_files(served_pair.images, top_k=3)
+        expected = _local_split(served_pair, client, encoding)
+    assert len(out.predictions) == N_IMAGES
+    for served, probabilities in zip(out.predictions, expected, strict=True):
+        top = torch.topk(probabilities, 3)
+        assert [p["class"] for p in served] == top.indices.tolist()
+        assert [p["name"] for p in served] == [str(i) for i in top.indices.tolist()]
+        assert [p["probability"] for p in served] == pytest.approx(top.values.tolist(), abs=1e-4)
+    assert out.bytes_sent == wire.encoded_nbytes((N_IMAGES, *served_pair.code_shape), encoding)
+
+
+def test_timing_breakdown_is_positive_and_adds_up(served_pair: ServedPair) -> None:
+    with EdgeClient(served_pair.head_pt, served_pair.endpoint) as client:
+        out = client.predict_files(served_pair.images)
+    parts = (out.head_ms, out.encode_ms, out.network_tail_ms, out.extra["preprocess_ms"])
+    assert all(ms > 0 for ms in parts)
+    assert out.head_ms + out.encode_ms + out.network_tail_ms == pytest.approx(out.total_ms, rel=1e-6)
+
+
+def test_server_errors_are_retried_and_bad_requests_are_not(served_pair: ServedPair) -> None:
+    statuses = [503, 200]  # what the stub answers, in order; then 400 for ever
+    seen: list[int] = []
+
+    class Flaky(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            status = statuses.pop(0) if statuses else 400
+            seen.append(len(body))
+            reply = b'{"message": "busy"}' if status != 200 else b'{"predictions": [[{"class": 1}]]}'
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/predictions/stub"
+    try:
+        with EdgeClient(served_pair.head_pt, url, retries=1) as client:
+            x = client.preprocess(served_pair.images[:1])
+            assert client.predict_tensor(x).predictions == [[{"class": 1}]]
+            assert len(seen) == 2
+            with pytest.raises(IsplitError, match=r"answered 400: busy"):
+                client.predict_tensor(x)
+            assert len(seen) == 3
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# --- the command line --------------------------------------------------------------------------
+
+
+def test_cli_prints_predictions_timing_and_agreement_with_the_full_model(served_pair: ServedPair) -> None:
+    done = _isplit(
+        "--head", str(served_pair.head_pt), "--endpoint", served_pair.endpoint, "--encoding", "fp16",
+        "--compare-local", str(served_pair.checkpoint), *map(str, served_pair.images),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    with EdgeClient(served_pair.head_pt, served_pair.endpoint) as client:
+        split = _local_split(served_pair, client, "fp16").argmax(1)
+        full, _ = load_model(served_pair.checkpoint)
+        with torch.inference_mode():
+            agree = int((full(client.preprocess(served_pair.images)).argmax(1) == split).sum())
+    for image, label in zip(served_pair.images, split.tolist(), strict=True):
+        assert re.search(rf"^{re.escape(str(image))}: {label} \d\.\d{{3}}, ", done.stdout, re.MULTILINE), done.stdout
+    timing = TIMING_LINE.search(done.stdout)
+    assert timing and timing["encoding"] == "fp16", done.stdout
+    assert int(timing["bytes"]) == wire.encoded_nbytes((N_IMAGES, *served_pair.code_shape), "fp16")
+    assert f"agreement with the full model: {agree}/{N_IMAGES}\n" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (["--encoding", "fp8"], "unknown encoding 'fp8'; choose one of fp32, fp16, int8, int8-channel"),
+        (["missing.png"], "image missing.png does not exist"),
+        (["--top-k", "11"], "answered 400: X-Isplit-Top-K must be an integer in [1, 10], got '11'"),
+    ],
+    ids=["unknown-encoding", "missing-image", "refused-by-the-tail"],
+)
+def test_cli_user_error_exits_2_with_one_line(served_pair: ServedPair, bad: list[str], message: str) -> None:
+    images = [] if bad[-1].endswith(".png") else [str(served_pair.images[0])]
+    done = _isplit("--head", str(served_pair.head_pt), "--endpoint", served_pair.endpoint, *bad, *images)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("isplit: error: ") and message in done.stderr, done.stderr
+    assert done.stdout == ""
+
+
+def test_cli_unreachable_endpoint_exits_2_after_retries(served_pair: ServedPair) -> None:
+    url = f"http://127.0.0.1:{_closed_port()}/predictions/nothing-here"
+    done = _isplit("--head", str(served_pair.head_pt), "--endpoint", url, "--retries", "2", str(served_pair.images[0]))
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert done.stderr.startswith(f"isplit: error: tail at {url} unreachable after 3 tries: connection failed ")
+    assert "Connection refused" in done.stderr

@@ -1,0 +1,236 @@
+"""``isplit experiment sweep|report``: a tiny sweep on digits, and the pure pieces it is made of."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from isplit.cuts import CutPoint
+from isplit.experiment import (
+    SweepResult,
+    choose_cuts,
+    permutation_p,
+    render_report,
+    spanning_order,
+    subset_search,
+    verdict,
+)
+from isplit.importance import ImportanceStats, curve_from_stats
+from isplit.stats import kendall, spearman
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+CUTS = ("features.0", "features.8", "classifier.0")
+
+
+def isplit(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "isplit.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> tuple[Path, SweepResult, subprocess.CompletedProcess[str]]:
+    """One tiny sweep: narrow VGG11 on 200 digits, 3 cuts, 1 bottleneck epoch (about 30 s)."""
+    out = tmp_path_factory.mktemp("sweep") / "tiny"
+    done = isplit(
+        "experiment", "sweep", "--arch", "vgg11", "--width", "0.25", "--dataset", "digits",
+        "--epochs-model", "2", "--epochs-bottleneck", "1", "--max-train-images", "200",
+        "--max-test-images", "200", "--analysis-images", "200", "--cuts", ",".join(CUTS),
+        "--subset-cuts", "2", "--permutations", "200", "--device", "cpu", "--out", str(out),
+        cwd=out.parent,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, SweepResult.model_validate_json((out / "result.json").read_text()), done
+
+
+def test_sweep_writes_result_report_plot_and_checkpoint(sweep):
+    out, _, _ = sweep
+    assert sorted(p.name for p in out.iterdir()) == ["model.pt", "report.md", "result.json", "sweep.png"]
+    assert (out / "sweep.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_result_json_records_machine_command_and_parameters(sweep):
+    out, result, _ = sweep
+    raw = json.loads((out / "result.json").read_text())
+    assert raw["schema"] == "isplit-sweep/1"
+    assert result.command.startswith("isplit experiment sweep --arch vgg11")
+    assert result.machine.device == "cpu" and result.machine.torch == torch.__version__
+    assert result.wall_seconds > 0 and set(result.phase_seconds) >= {"model", "importance", "retrain_all_classes"}
+    p = result.parameters
+    assert (p.arch, p.width, p.dataset, p.cuts, p.epochs_bottleneck) == ("vgg11", 0.25, "digits", list(CUTS), 1)
+    assert result.train_images == 200 and result.test_images == 200
+
+
+def test_every_requested_cut_and_both_picks_are_measured_with_the_same_budget(sweep):
+    _, result, _ = sweep
+    measured = [c.module for c in result.cuts]
+    assert set(CUTS) <= set(measured)
+    assert {result.picks.cui.module, result.picks.size.module} <= set(measured)
+    assert [c.position for c in result.cuts] == sorted(c.position for c in result.cuts)
+    for c in result.cuts:
+        assert 0 <= c.accuracy <= 1 and c.training_seconds > 0
+        assert c.log10_cui == result.curve.point(c.module).log10_cui
+        assert c.added_for_picks == (c.module not in CUTS)
+        assert len(c.per_class_accuracy) == 10
+
+
+def test_per_class_accuracy_agrees_with_the_overall_accuracy(sweep):
+    _, result, _ = sweep
+    counts = result.test_class_counts
+    for c in result.cuts:
+        overall = sum((a or 0) * n for a, n in zip(c.per_class_accuracy, counts, strict=True)) / sum(counts)
+        assert overall == pytest.approx(c.accuracy, abs=1e-9)
+
+
+def test_correlations_are_isplit_stats_of_the_measured_cuts(sweep):
+    _, result, _ = sweep
+    acc = [c.accuracy for c in result.cuts]
+    cui = [c.log10_cui for c in result.cuts]
+    size = [-float(c.output_bytes) for c in result.cuts]
+    for key, predictor in (("cui", cui), ("size", size)):
+        corr = result.correlations[key]
+        assert corr.n == len(result.cuts)
+        assert corr.spearman == spearman(predictor, acc)
+        assert corr.kendall == kendall(predictor, acc)
+
+
+def test_picks_are_the_cui_maximum_the_smallest_output_and_the_best_measured(sweep):
+    _, result, _ = sweep
+    active = [p for p in result.curve.points if not p.skipped]
+    assert result.picks.cui.module == result.curve.best == max(active, key=lambda p: p.log10_cui).module
+    assert result.picks.size.output_bytes == min(p.output_bytes for p in active)
+    assert result.picks.oracle.accuracy == max(c.accuracy for c in result.cuts)
+    by_module = {c.module: c.accuracy for c in result.cuts}
+    assert result.picks.cui.accuracy == by_module[result.picks.cui.module]
+    assert result.picks.size.accuracy == by_module[result.picks.size.module]
+
+
+def test_subsets_are_searched_retrained_and_measured_on_their_classes(sweep):
+    _, result, _ = sweep
+    assert len(result.subsets) == 2
+    for s in result.subsets:
+        assert s.chosen == "auto" and len(s.classes) in (2, 3)
+        assert s.best_moved == (s.best != result.curve.best)
+        assert 1 <= len(s.measurements) <= 2 and s.measurements[0].module in (s.best, s.all_class_best)
+        assert all(0 <= m.accuracy <= 1 for m in s.measurements)
+        assert len(s.log10_cui) == len(result.curve.points)
+
+
+def test_report_states_the_verdict_correlations_and_picks(sweep):
+    out, result, done = sweep
+    report = (out / "report.md").read_text()
+    assert report.startswith("# Does the CUI curve predict split accuracy? vgg11")
+    assert "## Verdict" in report and "claim" in report
+    assert f"n = {result.correlations['cui'].n}" in report or "Not judged" in report
+    assert f"`{result.picks.cui.module}`" in report and f"`{result.picks.size.module}`" in report
+    assert "![CUI, size and measured accuracy per cut](sweep.png)" in report
+    assert result.command in report
+    assert "cui pick" in done.stdout and "size pick" in done.stdout
+
+
+def test_report_command_regenerates_the_same_report_from_the_json(sweep, tmp_path):
+    out, _, _ = sweep
+    done = isplit("experiment", "report", str(out / "result.json"), "--out", str(tmp_path), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "report.md").read_text() == (out / "report.md").read_text()
+    assert (tmp_path / "sweep.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_an_unknown_cut_is_a_one_line_error(tmp_path):
+    done = isplit(
+        "experiment", "sweep", "--arch", "vgg11", "--width", "0.25", "--dataset", "digits", "--epochs-model", "1",
+        "--max-train-images", "50", "--analysis-images", "50", "--cuts", "features.0,nope", "--out", str(tmp_path),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]
+    assert "'nope' is not a non-skipped cut point" in done.stderr
+
+
+def test_report_of_a_file_that_is_not_a_result_is_a_one_line_error(tmp_path):
+    (tmp_path / "result.json").write_text('{"hello": 1}')
+    done = isplit("experiment", "report", str(tmp_path / "result.json"), cwd=tmp_path)
+    assert done.returncode == 2 and "is not a sweep result" in done.stderr
+
+
+# -- pure pieces ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 8, 21])
+def test_spanning_order_visits_every_index_once_ends_first(n):
+    order = spanning_order(n)
+    assert sorted(order) == list(range(n))
+    assert order[: min(n, 2)] == [0, n - 1][: min(n, 2)]
+
+
+def test_spanning_order_prefix_covers_the_middle_early():
+    assert spanning_order(9)[:3] == [0, 8, 4]
+
+
+def test_choose_cuts_spans_the_network_evenly_and_keeps_network_order():
+    active = [f"l{i}" for i in range(21)]
+    assert choose_cuts(active, None, 5) == ["l0", "l5", "l10", "l15", "l20"]
+    assert choose_cuts(active, None, None) == active
+    assert choose_cuts(active, ["l7", "l2"], None) == ["l2", "l7"]
+
+
+def test_permutation_p_is_exact_for_small_n():
+    x = [1.0, 2.0, 3.0, 4.0]
+    assert permutation_p(spearman, x, [10.0, 20.0, 30.0, 40.0], permutations=0, seed=0) == pytest.approx(1 / 24)
+    assert permutation_p(spearman, x, [40.0, 30.0, 20.0, 10.0], permutations=0, seed=0) == 1.0
+
+
+def test_permutation_p_by_monte_carlo_is_small_for_a_perfect_ranking():
+    x = [float(i) for i in range(12)]
+    p = permutation_p(kendall, x, x, permutations=500, seed=0)
+    assert p == pytest.approx(1 / 501)
+
+
+def _stats_with_class_peaks(peaks: list[int], num_points: int = 5) -> ImportanceStats:
+    """Per-class sums where class k's curve peaks at point ``peaks[k]`` (1x1 maps, 1 image each)."""
+    points = [
+        CutPoint(module=f"p{i}", kind="Conv2d", skipped=False, output_shape=[1, 1, 1], output_bytes=4 * (10 - i))
+        for i in range(num_points)
+    ]
+    sums = {p.module: torch.full((len(peaks), 1, 1), 1.0, dtype=torch.float64) for p in points}
+    for k, peak in enumerate(peaks):
+        sums[f"p{peak}"][k] = 1000.0
+    return ImportanceStats(points, sums, torch.ones(len(peaks), dtype=torch.int64), "label")
+
+
+def test_subset_search_finds_subsets_whose_best_cut_differs_from_the_all_class_best():
+    stats = _stats_with_class_peaks([2, 2, 2, 1, 1, 3, 3])
+    all_best = curve_from_stats(stats).best
+    assert all_best == "p2"
+    found = subset_search(stats, all_best, count=2)
+    assert len(found) == 2
+    bests = [curve.best for _, curve in found]
+    assert "p2" not in bests and len(set(bests)) == 2  # two different moved peaks
+    for classes, curve in found:
+        assert curve.classes == classes
+
+
+def test_verdict_says_not_judged_with_too_few_cuts(sweep):
+    _, result, _ = sweep
+    few = result.model_copy(deep=True)
+    few.correlations["cui"] = few.correlations["cui"].model_copy(update={"n": 3})
+    assert verdict(few)[0].startswith("**Not judged**")
+
+
+def test_verdict_calls_a_significant_ranking_that_beats_size_a_held_claim(sweep):
+    _, result, _ = sweep
+    good = result.model_copy(deep=True)
+    good.correlations["cui"] = good.correlations["cui"].model_copy(
+        update={"n": 10, "spearman": 0.9, "spearman_p": 0.001, "kendall": 0.8, "kendall_p": 0.001}
+    )
+    good.correlations["size"] = good.correlations["size"].model_copy(update={"spearman": 0.1})
+    assert verdict(good)[0].startswith("**The claim held here (strong)**")
+    weak = good.model_copy(deep=True)
+    weak.correlations["cui"] = weak.correlations["cui"].model_copy(update={"spearman": 0.4, "spearman_p": 0.2})
+    assert verdict(weak)[0].startswith("**The claim was not supported here**")
+    assert "n = 10" in verdict(weak)[0]
+    assert "The claim was not supported here" in render_report(weak)
