@@ -27,7 +27,9 @@ def test_no_generated_request_makes_the_analyzer_answer_5xx(tmp_path: Path, kafk
             def call(case) -> None:
                 response = case.call(timeout=30)
                 if response.status_code >= 500:
-                    server_errors.append(f"{case.method} {case.formatted_path} -> {response.status_code}: {response.text[:200]}")
+                    server_errors.append(
+                        f"{case.method} {case.formatted_path} -> {response.status_code}: {response.text[:200]}"
+                    )
 
             call()
         assert not server_errors, "\n".join(server_errors[:10])

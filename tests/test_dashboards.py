@@ -116,23 +116,17 @@ DASHBOARD_SCHEMA = {
 
 
 @pytest.fixture(scope="session")
-def exported_metric_names() -> set[str]:
-    """Names of the metrics the services export.
+def exported_metric_names(live_stack, e2e_flow) -> set[str]:
+    """Names of the metrics the services really export: a scrape of the live analyzer, trainer
+    and TorchServe ``/metrics`` after the end-to-end flow has run through them (so TorchServe's
+    per-model and the handler's custom metrics exist)."""
+    import requests
 
-    For now: the names docs/CONTRACTS.md fixes (section "Metric names"), plus TorchServe's
-    default frontend metrics from the installed torchserve package's ``ts/configs/metrics.yaml``
-    (the contract names three of them; the 5xx alert needs ``Requests5XX``). To be replaced by a
-    scrape of the live services' ``/metrics``.
-    """
-    text = CONTRACTS.read_text()
-    section = text.split("## Metric names", 1)[1].split("\n## ", 1)[0]
-    names = set(re.findall(r"`([A-Za-z_:][A-Za-z0-9_:]*)(?:\{[^`]*\})?`", section))
-    names = {name for name in names if name.startswith(("isplit_", "ts_"))}
-    import ts  # the torchserve package: its default metrics config is what TorchServe exports
-
-    config = yaml.safe_load((Path(ts.__file__).parent / "configs" / "metrics.yaml").read_text())
-    for kind in ("counter", "gauge", "histogram"):
-        names.update(metric["name"] for metric in config["ts_metrics"].get(kind) or [])
+    names: set[str] = set()
+    for url in live_stack.metrics_urls().values():
+        for line in requests.get(url, timeout=10).text.splitlines():
+            if line and not line.startswith("#"):
+                names.add(re.split(r"[{ ]", line, maxsplit=1)[0])
     assert "isplit_trainer_consumer_lag" in names and "ts_inference_requests_total" in names
     return names
 

@@ -23,7 +23,7 @@ from isplit.importance import ImportanceStats, curve_from_stats
 from isplit.stats import kendall, spearman
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-CUTS = ("features.0", "features.8", "classifier.0")
+CUTS = ("features.0", "features.8", "features.20")  # features.20: the size pick (smallest, earliest)
 
 
 def isplit(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -34,13 +34,14 @@ def isplit(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory) -> tuple[Path, SweepResult, subprocess.CompletedProcess[str]]:
-    """One tiny sweep: narrow VGG11 on 200 digits, 3 cuts, 1 bottleneck epoch (about 30 s)."""
+    """One tiny sweep: narrow VGG11 on 200 digits, 3 (+1) cuts, 1 bottleneck epoch on 128 images."""
     out = tmp_path_factory.mktemp("sweep") / "tiny"
     done = isplit(
         "experiment", "sweep", "--arch", "vgg11", "--width", "0.25", "--dataset", "digits",
         "--epochs-model", "2", "--epochs-bottleneck", "1", "--max-train-images", "200",
-        "--max-test-images", "200", "--analysis-images", "200", "--cuts", ",".join(CUTS),
-        "--subset-cuts", "2", "--permutations", "200", "--device", "cpu", "--out", str(out),
+        "--bottleneck-images", "128", "--max-test-images", "100", "--analysis-images", "100",
+        "--cuts", ",".join(CUTS), "--subset-cuts", "2", "--permutations", "200", "--device", "cpu",
+        "--out", str(out),
         cwd=out.parent,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -62,7 +63,7 @@ def test_result_json_records_machine_command_and_parameters(sweep):
     assert result.wall_seconds > 0 and set(result.phase_seconds) >= {"model", "importance", "retrain_all_classes"}
     p = result.parameters
     assert (p.arch, p.width, p.dataset, p.cuts, p.epochs_bottleneck) == ("vgg11", 0.25, "digits", list(CUTS), 1)
-    assert result.train_images == 200 and result.test_images == 200
+    assert (result.train_images, result.bottleneck_images, result.test_images) == (200, 128, 100)
 
 
 def test_every_requested_cut_and_both_picks_are_measured_with_the_same_budget(sweep):
@@ -214,6 +215,15 @@ def test_subset_search_finds_subsets_whose_best_cut_differs_from_the_all_class_b
         assert curve.classes == classes
 
 
+def test_verdict_calls_accuracies_within_noise_inconclusive(sweep):
+    _, result, _ = sweep
+    flat = result.model_copy(deep=True)
+    for cut in flat.cuts:
+        cut.accuracy = 0.5
+    flat.correlations["cui"] = flat.correlations["cui"].model_copy(update={"n": 8, "spearman": 0.9, "spearman_p": 0.01})
+    assert verdict(flat)[0].startswith("**Inconclusive**")
+
+
 def test_verdict_says_not_judged_with_too_few_cuts(sweep):
     _, result, _ = sweep
     few = result.model_copy(deep=True)
@@ -224,6 +234,8 @@ def test_verdict_says_not_judged_with_too_few_cuts(sweep):
 def test_verdict_calls_a_significant_ranking_that_beats_size_a_held_claim(sweep):
     _, result, _ = sweep
     good = result.model_copy(deep=True)
+    for i, cut in enumerate(good.cuts):
+        cut.accuracy = 0.5 + 0.1 * i  # well outside test-set noise
     good.correlations["cui"] = good.correlations["cui"].model_copy(
         update={"n": 10, "spearman": 0.9, "spearman_p": 0.001, "kendall": 0.8, "kendall_p": 0.001}
     )

@@ -36,7 +36,9 @@ def make_candidate(cut: str = "features.15", epochs: int = 1, train_images: int 
     return SplitCandidate(
         analysis_id=aid,
         candidate_id=candidate_id_for(aid, cut),
-        model=ModelSpec(arch="vgg11", num_classes=10, in_channels=1, input_size=32, weights_uri="models/m-000000000001.pt"),
+        model=ModelSpec(
+            arch="vgg11", num_classes=10, in_channels=1, input_size=32, weights_uri="models/m-000000000001.pt"
+        ),
         dataset=DatasetSpec(name="digits", max_train_images=train_images, max_test_images=120),
         cut=cut,
         predicted_rank=1,
@@ -81,7 +83,9 @@ def metric(port: int, name: str) -> float:
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
 
 
-def test_candidate_becomes_a_registered_tail_that_answers(kafka_bootstrap, trainer_env, torchserve, artifact_root, tmp_path):
+def test_candidate_becomes_a_registered_tail_that_answers(
+    kafka_bootstrap, trainer_env, torchserve, artifact_root, tmp_path
+):
     trainer, _port = start_trainer(trainer_env, tmp_path)
     try:
         cand = make_candidate()
@@ -157,14 +161,18 @@ def test_bad_messages_are_dead_lettered_and_the_loop_goes_on(kafka_bootstrap, tr
     trainer, port = start_trainer(trainer_env, tmp_path)
     marker = uuid.uuid4().hex
     bad_cut = make_candidate(cut="features.99")
-    missing = make_candidate().model_copy(update={"model": make_candidate().model.model_copy(update={"weights_uri": "models/nope.pt"})})
+    missing = make_candidate().model_copy(
+        update={"model": make_candidate().model.model_copy(update={"weights_uri": "models/nope.pt"})}
+    )
     try:
         send_raw(kafka_bootstrap, b"not json " + marker.encode(), key=marker)
         send_raw(kafka_bootstrap, json.dumps({"schema_version": 99, "marker": marker}).encode(), key=marker)
         send(kafka_bootstrap, TOPIC_CANDIDATES, bad_cut.analysis_id, bad_cut)
         send(kafka_bootstrap, TOPIC_CANDIDATES, missing.analysis_id, missing)
         keys = {marker, bad_cut.analysis_id, missing.analysis_id}
-        letters = collect(kafka_bootstrap, TOPIC_DEAD_LETTER, DeadLetter, lambda d: d.key in keys, count=4, timeout_s=120)
+        letters = collect(
+            kafka_bootstrap, TOPIC_DEAD_LETTER, DeadLetter, lambda d: d.key in keys, count=4, timeout_s=120
+        )
         assert trainer.proc.poll() is None
     finally:
         trainer.terminate()

@@ -834,17 +834,22 @@ def _std_error(accuracy: float, n: int) -> float:
 
 
 def verdict(result: SweepResult) -> list[str]:
-    """Plain-language conclusions, one per sentence group, derived from the numbers alone.
+    """Plain-language conclusions derived from the numbers alone, headline first.
 
-    Rules: the ranking claim *held* when the CUI correlation is positive with a one-sided
-    permutation p < 0.05 (Spearman) and CUI's Spearman beats the size baseline's; it held
-    *partly* when CUI correlates significantly but no better than size; otherwise it is *not
-    supported* (positive but not distinguishable from chance at this n) or *contradicted*
-    (zero or negative). Accuracy gaps smaller than twice the test-set standard error are
-    called within noise.
+    Rules for the ranking claim (log10 CUI vs measured accuracy, Spearman, one-sided
+    permutation p): *held* when ρ > 0 with p < 0.05 and ρ beats the size baseline's;
+    *held only partly* when significant but no better than size; *not supported* when ρ > 0
+    but p >= 0.05; *did not hold* when ρ <= 0, *contradicted* when moreover p >= 0.95
+    (CUI ranks cuts against accuracy). Whatever the correlation, the result is
+    *inconclusive* when the measured accuracies span less than twice the test-set standard
+    error. Accuracy gaps below twice their standard error are called within noise.
     """
     cui, size = result.correlations["cui"], result.correlations["size"]
     n_test = result.test_images
+    accs = [c.accuracy for c in result.cuts]
+    spread = max(accs) - min(accs) if accs else 0.0
+    se_mean = _std_error(sum(accs) / len(accs), n_test) if accs else 0.0
+    noise_only = bool(accs) and spread < 2 * se_mean
     lines: list[str] = []
     if cui.spearman is None or cui.n < 4:
         lines.append(f"**Not judged**: only {cui.n} cuts were measured (or accuracy did not vary); no ranking claim.")
@@ -857,48 +862,56 @@ def verdict(result: SweepResult) -> list[str]:
             f"the size baseline's ρ = {_signed(size.spearman, 2)} (p = {_num(size.spearman_p, 3)}), "
             f"τ = {_signed(size.kendall, 2)}"
         )
-        significant = cui.spearman > 0 and cui.spearman_p is not None and cui.spearman_p < SIGNIFICANCE
+        p = cui.spearman_p if cui.spearman_p is not None else 1.0
+        significant = cui.spearman > 0 and p < SIGNIFICANCE
         beats_size = size.spearman is None or cui.spearman > size.spearman
-        if significant and beats_size:
-            head = f"**The claim held here ({_strength(cui.spearman)})**: log10 CUI ranks the cuts like their measured accuracy"
+        if noise_only:
+            head = "**Inconclusive**: the cuts' measured accuracies are within test-set noise of each other"
+        elif significant and beats_size:
+            head = (
+                f"**The claim held here ({_strength(cui.spearman)})**: log10 CUI ranks the cuts like their "
+                "measured accuracy, better than layer size does"
+            )
         elif significant:
-            head = "**The claim held only partly**: log10 CUI correlates with measured accuracy, but no better than layer size does"
+            head = (
+                "**The claim held only partly**: log10 CUI correlates with measured accuracy, but no better "
+                "than layer size does"
+            )
         elif cui.spearman > 0:
             head = (
                 f"**The claim was not supported here**: the correlation is positive ({_strength(cui.spearman)}) "
                 f"but not distinguishable from chance at n = {cui.n}"
             )
+        elif p >= 1 - SIGNIFICANCE:
+            head = "**The claim was contradicted here**: log10 CUI ranks the cuts against their measured accuracy"
         else:
-            head = "**The claim was contradicted here**: log10 CUI does not rank cuts by measured accuracy"
+            head = "**The claim did not hold here**: log10 CUI shows no positive association with measured accuracy"
         lines.append(f"{head} — {stats}; {size_text}.")
     picks = result.picks
     if picks.cui.accuracy is not None and picks.size.accuracy is not None and picks.oracle.accuracy is not None:
         gap = picks.cui.accuracy - picks.size.accuracy
         se = math.sqrt(_std_error(picks.cui.accuracy, n_test) ** 2 + _std_error(picks.size.accuracy, n_test) ** 2)
-        noise = " (within test-set noise)" if abs(gap) < 2 * se else ""
         if abs(gap) < 1e-12:
-            compare = "the same accuracy as"
+            compare = "the same as"
         else:
-            compare = f"{abs(100 * gap):.1f} points {'more' if gap > 0 else 'less'} than{noise}"
+            noise = ", within test-set noise" if abs(gap) < 2 * se else ""
+            compare = f"{abs(100 * gap):.1f} points {'above' if gap > 0 else 'below'}{noise},"
         lines.append(
             f"Picks: CUI's cut `{picks.cui.module}` measured {_pct(picks.cui.accuracy)}, {compare} the size "
             f"baseline's `{picks.size.module}` ({_pct(picks.size.accuracy)}); the best measured cut, "
             f"`{picks.oracle.module}`, reached {_pct(picks.oracle.accuracy)} "
-            f"(CUI's pick is {100 * (picks.oracle.accuracy - picks.cui.accuracy):.1f} points below it)."
+            f"({100 * (picks.oracle.accuracy - picks.cui.accuracy):.1f} points above CUI's pick)."
         )
-    if result.cuts:
-        accs = [c.accuracy for c in result.cuts]
-        spread = max(accs) - min(accs)
-        se = _std_error(sum(accs) / len(accs), n_test)
-        if spread < 2 * se:
+    if accs:
+        if noise_only:
             lines.append(
                 f"Caution: measured accuracies span only {100 * spread:.1f} points, less than twice the test-set "
-                f"standard error ({100 * se:.1f} points on {n_test} images): the ranking is mostly noise."
+                f"standard error ({100 * se_mean:.1f} points on {n_test} images): the ranking is mostly noise."
             )
         else:
             lines.append(
                 f"Measured accuracies span {100 * spread:.1f} points across cuts "
-                f"(test-set standard error ≈ {100 * se:.1f} points on {n_test} images)."
+                f"(test-set standard error ≈ {100 * se_mean:.1f} points on {n_test} images)."
             )
     moved = [s for s in result.subsets if s.best_moved]
     if result.subsets:
@@ -1004,7 +1017,7 @@ def render_report(result: SweepResult, plot_name: str | None = None) -> str:
     if result.subsets:
         out += ["## Class subsets", ""]
         for s in result.subsets:
-            label = ", ".join(f"{k} {n}" for k, n in zip(s.classes, s.class_names, strict=True))
+            label = ", ".join(n if n == str(k) else f"{k} {n}" for k, n in zip(s.classes, s.class_names, strict=True))
             moved = f"moved from `{s.all_class_best}` to `{s.best}`" if s.best_moved else f"stayed at `{s.best}`"
             out += [
                 f"### Classes {label} ({s.chosen})",
