@@ -134,8 +134,12 @@ def test_report_states_the_verdict_correlations_and_picks(sweep):
 
 
 def test_report_command_regenerates_the_same_report_from_the_json(sweep, tmp_path):
+    """Through ``python -m isplit.experiment``, the entry point for machines without the full CLI."""
     out, _, _ = sweep
-    done = isplit("experiment", "report", str(out / "result.json"), "--out", str(tmp_path), cwd=tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "isplit.experiment", "report", str(out / "result.json"), "--out", str(tmp_path)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "report.md").read_text() == (out / "report.md").read_text()
     assert (tmp_path / "sweep.png").read_bytes().startswith(PNG_MAGIC)
@@ -150,6 +154,16 @@ def test_an_unknown_cut_is_a_one_line_error(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [done.stderr.strip()]
     assert "'nope' is not a non-skipped cut point" in done.stderr
+
+
+def test_weights_that_contradict_the_given_width_are_a_one_line_error(sweep, tmp_path):
+    out, _, _ = sweep
+    done = isplit(
+        "experiment", "sweep", "--arch", "vgg11", "--width", "0.5", "--dataset", "digits",
+        "--weights", str(out / "model.pt"), "--out", str(tmp_path), cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "--width 0.5 contradicts the checkpoint" in done.stderr
 
 
 def test_report_of_a_file_that_is_not_a_result_is_a_one_line_error(tmp_path):

@@ -199,7 +199,6 @@ def test_resolve_classes_rejects_an_empty_subset():
         resolve_classes([], list(FASHION_MNIST_CLASSES))
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: a class name made of digits is read as an index")
 def test_resolve_classes_prefers_an_exact_class_name_over_an_index():
     assert resolve_classes(["20"], ["10", "20", "30"]) == [1]
 

@@ -47,6 +47,10 @@ DEFAULT_TOP_K = 5
 # TorchServe 0.12 drops query parameters on /predictions/<model>, so k travels in a header.
 TOP_K_HEADER = "X-Isplit-Top-K"
 MAX_BYTES = int(os.environ.get("ISPLIT_TAIL_MAX_BYTES", wire.DEFAULT_MAX_BYTES))
+# Intra-op threads per worker (0 = torch's default, one per core). A tail is small and each
+# worker runs one batch at a time: one thread avoids threads of several workers, the frontend
+# and the Python interpreter spinning against each other on a shared machine.
+TORCH_THREADS = int(os.environ.get("ISPLIT_TAIL_TORCH_THREADS", "1"))
 
 
 class TailHandler:
@@ -69,6 +73,8 @@ class TailHandler:
         self.class_names = [str(name) for name in meta["class_names"]]
         self.code_shape = tuple(int(d) for d in meta["code_shape"])
         self.model_name = context.model_name
+        if TORCH_THREADS > 0:
+            torch.set_num_threads(TORCH_THREADS)
         gpu_id = properties.get("gpu_id")
         if gpu_id is not None and torch.cuda.is_available():
             self.device = torch.device(f"cuda:{gpu_id}")

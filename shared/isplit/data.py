@@ -167,12 +167,12 @@ def resolve_classes(requested: Sequence[str | int] | None, class_names: Sequence
     out: set[int] = set()
     for item in requested:
         text = str(item).strip()
-        if text.lstrip("-").isdigit():
+        if text in class_names:  # an exact name wins, even a name made of digits
+            idx = list(class_names).index(text)
+        elif text.lstrip("-").isdigit():
             idx = int(text)
             if not 0 <= idx < len(class_names):
                 raise IsplitError(f"class index {idx} out of range 0..{len(class_names) - 1}")
-        elif text in class_names:
-            idx = list(class_names).index(text)
         else:
             raise IsplitError(f"unknown class {text!r}; known: {', '.join(class_names)}")
         out.add(idx)
@@ -247,9 +247,12 @@ def _class_dirs(root: Path) -> list[Path]:
 def _imagefolder(root: Path, split: str, in_channels: int) -> ImageSet:
     if not root.is_dir():
         raise IsplitError(f"image folder {root} does not exist or is not a directory")
-    split_dir = {"train": ["train"], "test": ["test", "val"]}[split]
-    explicit = next((root / d for d in split_dir if (root / d).is_dir()), None)
-    base = explicit if explicit is not None and (root / "train").is_dir() else root
+    base = root
+    if (root / "train").is_dir():  # explicit splits: train/ and test/ (or val/)
+        names = {"train": ["train"], "test": ["test", "val"]}[split]
+        base = next((root / d for d in names if (root / d).is_dir()), None)  # type: ignore[assignment]
+        if base is None:
+            raise IsplitError(f"image folder {root} has train/ but no test/ or val/ folder")
     class_dirs = _class_dirs(base)
     images: list[torch.Tensor] = []
     labels: list[int] = []

@@ -166,9 +166,7 @@ def load_images(
     for path in paths:
         try:
             with Image.open(path) as im:
-                images.append(
-                    preprocess_image(im, in_channels=in_channels, input_size=input_size, mean=mean, std=std)
-                )
+                images.append(preprocess_image(im, in_channels=in_channels, input_size=input_size, mean=mean, std=std))
         except FileNotFoundError:
             raise IsplitError(f"image {path} does not exist") from None
         except (UnidentifiedImageError, OSError) as exc:

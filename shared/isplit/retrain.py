@@ -204,7 +204,7 @@ def retrain_split(
     with torch.no_grad():
         code = pair.head(example)
     pair.code_shape = list(code.shape[1:])
-    split_module = nn.Sequential(pair.head, pair.tail)
+    split_module = nn.Sequential(pair.head, pair.tail).eval()  # a new Sequential trains; evaluate() would restore that
 
     def acc(m: nn.Module, data: ImageSet) -> float:
         return evaluate(m, batches(data, False), device)

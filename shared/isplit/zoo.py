@@ -98,8 +98,11 @@ def _vgg(arch: str, width: float, input_size: int, pretrained: bool) -> nn.Modul
     if pretrained:
         return _pretrained(getattr(models, arch))
     cfg = [v if v == "M" else max(4, int(round(v * width))) for v in _VGG_CFGS[_VGG_CFG[base]]]
-    features = models.vgg.make_layers(cfg, batch_norm=batch_norm)
-    model = models.VGG(features, num_classes=1000, init_weights=True)
+    # The VGG shell is built on the meta device: its 1000-class classifier is replaced below,
+    # and allocating and initialising ~120 M throw-away parameters took a second per build.
+    with torch.device("meta"):
+        model = models.VGG(nn.Sequential(), num_classes=1000, init_weights=False)
+    model.features = models.vgg.make_layers(cfg, batch_norm=batch_norm)
     last = cfg[-2]
     if input_size < SMALL_INPUT:
         # At 32-64 px the feature map is 1-2 px: pool it globally and keep the classifier's
@@ -119,7 +122,23 @@ def _vgg(arch: str, width: float, input_size: int, pretrained: bool) -> nn.Modul
         nn.Dropout(0.5),
         nn.Linear(hidden, 1000),
     )
+    _init_vgg(model)
     return model
+
+
+def _init_vgg(model: nn.Module) -> None:
+    """torchvision's VGG initialisation."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.constant_(m.bias, 0)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.constant_(m.weight, 1)
+            nn.init.constant_(m.bias, 0)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.constant_(m.bias, 0)
 
 
 def _resnet(arch: str, input_size: int, pretrained: bool) -> nn.Module:

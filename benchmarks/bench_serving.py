@@ -1,0 +1,738 @@
+"""Benchmark split serving: a tail on a real TorchServe against offloading the whole image.
+
+One run does everything on one machine:
+
+1. trains (or loads, ``--checkpoint``) a narrow VGG11 on Fashion-MNIST at 32 px, inserts a
+   bottleneck at ``--cut`` and retrains it, exports the head/tail pair, and builds two
+   archives with the project's handler: the tail, and a *full-image* endpoint (the whole
+   model, preprocessing included, as a "tail" whose code is the raw 28x28 image);
+2. starts its own TorchServe (``scripts/torchserve`` with a temporary artifact root, run dir
+   and free ports; or reuses one given by ``--inference-url``/``--management-url``/
+   ``--model-store``) with the project's ``services/tail-serving/config.properties`` and
+   registers both;
+3. measures, with single-image requests from ``--concurrency`` client threads (keep-alive
+   HTTP/1.1), p50/p95 latency, throughput and bytes per request for the tail in fp32, fp16 and
+   int8 and for the full-image endpoint; the same tail behind a bare FastAPI endpoint (uvicorn,
+   its own process, no batching); and the handler called in-process (no HTTP), so the
+   serving overhead is visible;
+4. sends the whole test set through the served tail (batched requests) per encoding and
+   through the full-image endpoint, and reports agreement with the full model run locally;
+5. unless ``--no-tuning``: the tuning experiments, each on its own TorchServe (stock config,
+   handler threads, logging, batching, workers), fp16 at concurrency 1 and 16.
+
+Prints tables and writes JSON (``--json-out``). Exit 1 when a request failed. Timings on a
+shared machine vary from run to run: the JSON records the load average before and after.
+
+    .venv/bin/python benchmarks/bench_serving.py --json-out var/bench-serving.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import importlib.util
+import itertools
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import uvicorn
+from fastapi import FastAPI, Request, Response
+from isplit import torchserve as ts
+from isplit import wire
+from isplit.checkpoint import ModelInfo, load_model, save_checkpoint
+from isplit.data import ImageSet, load_dataset, to_model_input
+from isplit.export import export_pair
+from isplit.retrain import retrain_split
+from isplit.training import evaluate, train_classifier
+from isplit.zoo import build_model
+from PIL import Image
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "torchserve"
+CONFIG = REPO / "services" / "tail-serving" / "config.properties"
+HANDLER = REPO / "services" / "tail-serving" / "isplit_tail_handler.py"
+TOP_K = 3
+HEADERS = {"Content-Type": "application/octet-stream", "X-Isplit-Top-K": str(TOP_K)}
+ENCODINGS = ("fp32", "fp16", "int8")
+# The handler reads this (intra-op threads per worker; 0 = torch's default, one per core).
+THREADS_ENV = "ISPLIT_TAIL_TORCH_THREADS"
+# What the tuned config.properties adds to TorchServe's defaults (removed for the stock run).
+TUNING_KEYS = ("async_logging", "disable_system_metrics", "number_of_netty_threads", "netty_client_threads", "vmargs")
+
+
+# -- results ------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadResult:
+    """One latency/throughput cell: ``requests`` single-image requests at ``concurrency``."""
+
+    endpoint: str
+    encoding: str
+    concurrency: int
+    requests: int
+    p50_ms: float
+    p95_ms: float
+    mean_ms: float
+    throughput_rps: float
+    bytes_per_request: float
+    errors: int
+
+
+@dataclass
+class Report:
+    machine: dict
+    model: dict
+    edge: dict = field(default_factory=dict)
+    payload: dict = field(default_factory=dict)
+    agreement: dict = field(default_factory=dict)
+    latency: list[LoadResult] = field(default_factory=list)
+    in_process: dict = field(default_factory=dict)
+    tuning: list[dict] = field(default_factory=list)
+    goals: dict = field(default_factory=dict)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", type=Path, help="a Fashion-MNIST isplit checkpoint (else one is trained)")
+    p.add_argument("--work-dir", type=Path, default=REPO / "var" / "bench-serving", help="cached model, exports")
+    p.add_argument("--width", type=float, default=0.25)
+    p.add_argument("--epochs", type=int, default=2, help="reference model training epochs")
+    p.add_argument("--train-images", type=int, default=30000)
+    p.add_argument("--cut", default="features.10")
+    p.add_argument("--ratio", type=int, default=2, help="bottleneck channel reduction at the cut")
+    p.add_argument("--bottleneck-epochs", type=int, default=3)
+    p.add_argument("--requests", type=int, default=600, help="timed requests per latency cell")
+    p.add_argument("--concurrency", default="1,8,16", help="client threads, comma-separated")
+    p.add_argument("--batch-size", type=int, default=16, help="TorchServe server-side batch size")
+    p.add_argument("--max-batch-delay-ms", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--no-tuning", action="store_true", help="skip the tuning experiments")
+    p.add_argument("--inference-url", help="reuse this TorchServe (with --management-url, --model-store)")
+    p.add_argument("--management-url")
+    p.add_argument("--model-store", type=Path)
+    p.add_argument("--json-out", type=Path)
+    p.add_argument("--serve-fastapi", type=Path, help=argparse.SUPPRESS)  # internal: the bare endpoint
+    p.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.inference_url and not (args.management_url and args.model_store):
+        p.error("--inference-url needs --management-url and --model-store")
+    return args
+
+
+# -- the model and the pair ---------------------------------------------------------------
+
+
+def reference_model(args: argparse.Namespace, train: ImageSet, test: ImageSet) -> tuple[nn.Module, ModelInfo, Path]:
+    """The checkpoint given, else a cached or freshly trained VGG11 (``--width``) at 32 px."""
+    path = args.checkpoint
+    if path is None:
+        path = args.work_dir / f"vgg11-w{args.width}-fmnist-e{args.epochs}-n{args.train_images}.pt"
+        if not path.is_file():
+            log(f"training the reference model ({args.epochs} epochs on {args.train_images} images) ...")
+            subset = train.subset(None, args.train_images)
+            mean, std = subset.channel_stats()
+            model = build_model("vgg11", num_classes=10, in_channels=1, input_size=32, width=args.width)
+            train_classifier(model, subset, input_size=32, mean=mean, std=std, epochs=args.epochs,
+                             lr=2e-3, device=torch.device("cpu"), progress=False)  # fmt: skip
+            info = ModelInfo(arch="vgg11", num_classes=10, in_channels=1, input_size=32, width=args.width,
+                             class_names=train.class_names, mean=mean, std=std, dataset="fashion-mnist",
+                             epochs=args.epochs)  # fmt: skip
+            info.test_accuracy = evaluate(model.eval(), test.batches(256, input_size=32, mean=mean, std=std), "cpu")
+            save_checkpoint(path, model, info)
+    model, info = load_model(path)
+    return model, info, path
+
+
+class FullImageModel(nn.Module):
+    """The whole model behind a "tail" interface: raw pixels ``(N, C, H, W)`` float32 in [0, 255]
+    (native size) -> logits. Preprocessing is :func:`isplit.data.to_model_input`'s, in the graph."""
+
+    def __init__(self, model: nn.Module, info: ModelInfo) -> None:
+        super().__init__()
+        self.model, self.size = model, info.input_size
+        self.register_buffer("mean", torch.tensor(info.mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(info.std).view(1, -1, 1, 1))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels / 255.0
+        x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+        return self.model((x - self.mean) / self.std)
+
+
+def export_full_image(model: nn.Module, info: ModelInfo, image_shape: Sequence[int], out: Path, name: str) -> Path:
+    """``tail.pt`` + ``tail.json`` of :class:`FullImageModel`; returns ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    full = FullImageModel(model, info).eval()
+    example = torch.zeros(1, *image_shape)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(full, example, check_trace=False)
+        torch.jit.save(traced, str(out / "tail.pt"))
+    meta = {"schema_version": 1, "model_name": name, "analysis_id": "bench", "candidate_id": "full-image",
+            "cut": "input", "code_shape": list(image_shape), "class_names": info.class_names}  # fmt: skip
+    (out / "tail.json").write_text(json.dumps(meta))
+    return out
+
+
+# -- TorchServe -----------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    inference_url: str
+    management_url: str
+    model_store: Path
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def server_config(overrides: dict[str, str | None]) -> str:
+    """The project's config.properties with ``overrides`` applied (``None`` removes a key) and
+    every port moved to a free one."""
+    ports = free_ports(5)
+    overrides = {
+        "inference_address": f"http://127.0.0.1:{ports[0]}",
+        "management_address": f"http://127.0.0.1:{ports[1]}",
+        "metrics_address": f"http://127.0.0.1:{ports[2]}",
+        "grpc_inference_port": str(ports[3]),
+        "grpc_management_port": str(ports[4]),
+        **overrides,
+    }
+    text = CONFIG.read_text()
+    for key, value in overrides.items():
+        line = "" if value is None else f"{key}={value}"
+        text, found = re.subn(rf"^{re.escape(key)}=.*$", line, text, flags=re.MULTILINE)
+        if not found and value is not None:
+            text += f"\n{line}\n"
+    return text
+
+
+@contextmanager
+def private_torchserve(overrides: dict[str, str | None], env: dict[str, str]) -> Iterator[Server]:
+    """A TorchServe of our own (``scripts/torchserve``), stopped and removed afterwards."""
+    root = Path(tempfile.mkdtemp(prefix="isplit-bench-"))
+    run_env = {**os.environ, **env, "ISPLIT_ARTIFACT_ROOT": str(root / "a"), "ISPLIT_TORCHSERVE_DIR": str(root / "r"),
+               "ISPLIT_TORCHSERVE_CONFIG": str(root / "config.properties")}  # fmt: skip
+
+    def script(command: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(SCRIPT), command], env=run_env, cwd=REPO, capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL, timeout=240, check=False)  # fmt: skip
+
+    try:
+        for _attempt in range(3):  # a free port can be taken before TorchServe binds it
+            (root / "config.properties").write_text(server_config(overrides))
+            done = script("start")
+            if done.returncode == 0:
+                break
+        else:
+            raise RuntimeError(f"scripts/torchserve start failed:\n{done.stdout}\n{done.stderr}")
+        state = dict(
+            line.split("=", 1) for line in (root / "r" / "torchserve.env").read_text().splitlines() if "=" in line
+        )
+        yield Server(state["ISPLIT_TORCHSERVE_INFERENCE_URL"], state["ISPLIT_TORCHSERVE_MANAGEMENT_URL"],
+                     Path(state["ISPLIT_TORCHSERVE_MODEL_STORE"]))  # fmt: skip
+    finally:
+        script("stop")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def serve(server: Server, mar: Path, name: str, *, batch_size: int, delay_ms: int, workers: int) -> str:
+    """Copy ``mar`` into the server's store as ``<name>.mar``, register it; its predictions URL."""
+    target = server.model_store / f"{name}.mar"
+    if mar.resolve() != target.resolve():
+        shutil.copyfile(mar, target)
+    ts.register(server.management_url, target.name, name, batch_size=batch_size, max_batch_delay_ms=delay_ms,
+                initial_workers=workers)  # fmt: skip
+    return ts.inference_url(server.inference_url, name)
+
+
+# -- the bare FastAPI endpoint and the in-process handler ---------------------------------
+
+
+class StubContext:
+    """The part of TorchServe's ``Context`` the tail handler uses, for a one-request batch."""
+
+    def __init__(self, model_dir: Path, name: str) -> None:
+        self.system_properties = {"model_dir": str(model_dir), "gpu_id": None}
+        self.model_name = name
+        self.metrics = None
+        self.status: int | None = None
+        self.top_k = str(TOP_K)
+
+    def get_all_request_header(self, idx: int) -> dict[str, str]:
+        return {"X-Isplit-Top-K": self.top_k}
+
+    def set_response_content_type(self, idx: int, value: str) -> None:
+        pass
+
+    def set_response_status(self, code: int, phrase: str = "", idx: int = 0) -> None:
+        self.status = code
+
+
+def load_handler(model_dir: Path, name: str):
+    """The project's TorchServe handler, initialised on ``model_dir`` with a stub context."""
+    spec = importlib.util.spec_from_file_location("isplit_tail_handler", HANDLER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    handler, context = module.TailHandler(), StubContext(model_dir, name)
+    handler.initialize(context)
+    return handler, context
+
+
+def run_fastapi(model_dir: Path, port: int) -> None:
+    """The bare endpoint: the same handler behind one FastAPI route, no batching, no metrics."""
+    handler, context = load_handler(model_dir, "fastapi-tail")
+    app = FastAPI()
+
+    @app.get("/ping")
+    async def ping() -> dict:
+        return {"status": "Healthy"}
+
+    @app.post("/predictions/{name}")
+    async def predict(name: str, request: Request) -> Response:
+        context.status, context.top_k = None, request.headers.get("x-isplit-top-k", "5")
+        [body] = handler.handle([{"body": await request.body()}], context)
+        return Response(body, status_code=context.status or 200, media_type="application/json")
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+@contextmanager
+def fastapi_endpoint(model_dir: Path) -> Iterator[str]:
+    [port] = free_ports(1)
+    command = [sys.executable, __file__, "--serve-fastapi", str(model_dir), "--port", str(port)]
+    proc = subprocess.Popen(command, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env={**os.environ, THREADS_ENV: "1"})  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not ts.is_healthy(f"http://127.0.0.1:{port}", timeout_s=1):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the FastAPI endpoint did not start: {proc.stderr.read().decode()[-2000:]}")
+            time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}/predictions/fastapi-tail"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def time_in_process(handler, context, payload: bytes, n: int) -> dict:
+    """Median and p95 of ``handler.handle`` on one request (decode, tail, top-k, JSON), ms."""
+    for _ in range(50):
+        handler.handle([{"body": payload}], context)
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        handler.handle([{"body": payload}], context)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return {"p50_ms": percentile(times, 50), "p95_ms": percentile(times, 95)}
+
+
+# -- load generation ------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def load_test(url: str, payloads: Sequence[bytes], concurrency: int, requests: int, warmup: int = 100) -> dict:
+    """POST single-image ``payloads`` (cycled) from ``concurrency`` threads, one keep-alive
+    connection each; returns latencies (ms), wall seconds and the count of non-200 answers."""
+    parts = urlsplit(url)
+    latencies: list[float] = []
+    errors = [0]
+
+    def run(count: int) -> float:
+        counter = itertools.count()
+
+        def worker() -> None:
+            conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+            mine: list[float] = []
+            try:
+                while (i := next(counter)) < count:
+                    body = payloads[i % len(payloads)]
+                    t0 = time.perf_counter()
+                    conn.request("POST", parts.path, body=body, headers=HEADERS)
+                    response = conn.getresponse()
+                    response.read()
+                    mine.append((time.perf_counter() - t0) * 1e3)
+                    if response.status != 200:
+                        errors[0] += 1
+            finally:
+                conn.close()
+                latencies.extend(mine)
+
+        threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return time.perf_counter() - start
+
+    run(warmup)
+    latencies.clear()
+    errors[0] = 0
+    wall = run(requests)
+    return {"latencies": latencies, "wall_s": wall, "errors": errors[0]}
+
+
+def measure(endpoint: str, url: str, encoding: str, payloads: Sequence[bytes], concurrency: int, requests: int):
+    out = load_test(url, payloads, concurrency, requests)
+    lat = out["latencies"]
+    return LoadResult(
+        endpoint=endpoint,
+        encoding=encoding,
+        concurrency=concurrency,
+        requests=requests,
+        p50_ms=percentile(lat, 50),
+        p95_ms=percentile(lat, 95),
+        mean_ms=statistics.fmean(lat),
+        throughput_rps=requests / out["wall_s"],
+        bytes_per_request=statistics.fmean(len(p) for p in payloads),
+        errors=out["errors"],
+    )
+
+
+def served_top1(url: str, tensors: torch.Tensor, encoding: str, chunk: int = 250) -> torch.Tensor:
+    """Top-1 classes ``(N,)`` of a served model for ``tensors`` ``(N, ...)``, sent in batched requests."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
+    out: list[int] = []
+    try:
+        for start in range(0, len(tensors), chunk):
+            conn.request("POST", parts.path, body=wire.encode(tensors[start : start + chunk], encoding),
+                         headers={**HEADERS, "X-Isplit-Top-K": "1"})  # fmt: skip
+            response = conn.getresponse()
+            body = response.read()
+            if response.status != 200:
+                raise RuntimeError(f"{url} answered {response.status}: {body[:300]!r}")
+            out += [p[0]["class"] for p in json.loads(body)["predictions"]]
+    finally:
+        conn.close()
+    return torch.tensor(out)
+
+
+# -- the measurements -----------------------------------------------------------------------
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def median_ms(fn: Callable[[], object], n: int = 200) -> float:
+    for _ in range(20):
+        fn()
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def machine() -> dict:
+    return {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
+            "load_average": os.getloadavg(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(1)  # the client side: one image at a time, and two cores shared with servers
+    if args.serve_fastapi:
+        run_fastapi(args.serve_fastapi, args.port)
+        return 0
+    concurrency = [int(c) for c in args.concurrency.split(",")]
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    report = Report(machine=machine(), model={})
+
+    train, test = load_dataset("fashion-mnist", "train"), load_dataset("fashion-mnist", "test")
+    model, info, checkpoint = reference_model(args, train, test)
+    log(f"retraining a bottleneck at {args.cut} (ratio {args.ratio}, {args.bottleneck_epochs} epochs) ...")
+    outcome = retrain_split(model, info, args.cut, train.subset(None, args.train_images), test,
+                            ratio=args.ratio, epochs=args.bottleneck_epochs, lr=5e-3, batch_size=64)  # fmt: skip
+    pair = outcome.pair
+    code_shape = tuple(pair.code_shape)
+    image_shape = tuple(test.images.shape[1:])
+    report.model = {"checkpoint": str(checkpoint), "arch": info.arch, "width": info.width, "cut": args.cut,
+                    "ratio": args.ratio, "code_shape": list(code_shape), "image_shape": list(image_shape),
+                    "accuracy_full": outcome.accuracy_original, "accuracy_split": outcome.accuracy_split,
+                    "head_flops": outcome.head_flops, "tail_flops": outcome.tail_flops}  # fmt: skip
+    export = args.work_dir / "export"
+    shutil.rmtree(export, ignore_errors=True)
+    files = export_pair(pair, info, export / "pair", {"model_name": "bench-tail", "dataset": "fashion-mnist"})
+    full_dir = export_full_image(model, info, image_shape, export / "full", "bench-full")
+    mars = export / "mars"
+    tail_mar = ts.build_mar(files["tail.pt"], files["tail.json"], "bench-tail", "1.0", mars)
+    full_mar = ts.build_mar(full_dir / "tail.pt", full_dir / "tail.json", "bench-full", "1.0", mars)
+
+    # Edge side: the head and the encoder, one image at a time.
+    head = torch.jit.load(str(files["head.pt"])).eval()
+    x_test = to_model_input(test.images, info.input_size, info.mean, info.std)
+    with torch.inference_mode():
+        codes = torch.cat([head(x_test[i : i + 500]) for i in range(0, len(x_test), 500)])
+        full_top1 = torch.cat([model(x_test[i : i + 500]).argmax(1) for i in range(0, len(x_test), 500)])
+        one = x_test[:1]
+        report.edge = {"head_ms": median_ms(lambda: head(one))}
+    for enc in ENCODINGS:
+        report.edge[f"encode_{enc}_ms"] = median_ms(lambda enc=enc: wire.encode(codes[:1], enc))
+    pngs = []
+    for i in range(200):
+        path = args.work_dir / "sample.png"
+        Image.fromarray(test.images[i, 0].numpy()).save(path)
+        pngs.append(path.stat().st_size)
+    raw = int(np.prod(image_shape))
+    pixels = test.images.float()
+    payloads = {enc: [wire.encode(codes[i : i + 1], enc) for i in range(256)] for enc in ENCODINGS}
+    payloads["full"] = [wire.encode(pixels[i : i + 1], "fp16") for i in range(256)]  # integers: exact in fp16
+    report.payload = {"raw_image_bytes": raw, "png_mean_bytes": statistics.fmean(pngs)}
+    for key, items in payloads.items():
+        report.payload[f"{key}_bytes"] = len(items[0])
+        report.payload[f"{key}_ratio_to_raw"] = len(items[0]) / raw
+
+    # In-process: the handler without any server.
+    handler, context = load_handler(export / "pair", "bench-tail")
+    report.in_process = time_in_process(handler, context, payloads["fp16"][0], 2000)
+    del handler
+
+    reuse = args.inference_url is not None
+    main_server = (
+        nullcontext(Server(args.inference_url, args.management_url, args.model_store))
+        if reuse
+        else private_torchserve({}, {})
+    )
+    tag = f"-{os.getpid()}"
+    with main_server as server:
+        log(f"TorchServe at {server.inference_url}; registering the tail and the full-image endpoint ...")
+        kw = {"batch_size": args.batch_size, "delay_ms": args.max_batch_delay_ms, "workers": args.workers}
+        tail_url = serve(server, tail_mar, f"bench-tail{tag}", **kw)
+        full_url = serve(server, full_mar, f"bench-full{tag}", **kw)
+        try:
+            log("agreement on the test set ...")
+            for enc in ENCODINGS:
+                split_top1 = served_top1(tail_url, codes, enc)
+                report.agreement[enc] = {
+                    "agreement_with_full": float((split_top1 == full_top1).float().mean()),
+                    "accuracy": float((split_top1 == test.labels).float().mean()),
+                }
+            served_full = served_top1(full_url, pixels, "fp16")
+            report.agreement["full-image"] = {
+                "agreement_with_full": float((served_full == full_top1).float().mean()),
+                "accuracy": float((served_full == test.labels).float().mean()),
+            }
+            log("latency and throughput ...")
+            for enc in ENCODINGS:
+                for c in concurrency:
+                    report.latency.append(measure("torchserve tail", tail_url, enc, payloads[enc], c, args.requests))
+            for c in concurrency:
+                report.latency.append(
+                    measure("torchserve full image", full_url, "fp16", payloads["full"], c, args.requests)
+                )
+        finally:
+            if reuse:
+                for name in (f"bench-tail{tag}", f"bench-full{tag}"):
+                    ts.unregister(server.management_url, name)
+                    (server.model_store / f"{name}.mar").unlink(missing_ok=True)
+    with fastapi_endpoint(export / "pair") as url:
+        for c in concurrency:
+            report.latency.append(measure("fastapi tail (bare)", url, "fp16", payloads["fp16"], c, args.requests))
+
+    if not args.no_tuning and not reuse:
+        report.tuning = tuning_experiments(tail_mar, payloads["fp16"], args.requests, args.work_dir)
+    report.machine["load_average_after"] = os.getloadavg()
+    report.goals = goals(report)
+    print_report(report)
+    if args.json_out:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(json.dumps(asdict(report), indent=1))
+    failed = sum(r.errors for r in report.latency) + sum(t.get("errors", 0) for t in report.tuning)
+    return 1 if failed else 0
+
+
+@contextmanager
+def nullcontext(value):
+    yield value
+
+
+# -- tuning ---------------------------------------------------------------------------------
+
+STOCK = {key: None for key in TUNING_KEYS}  # TorchServe's defaults for every tuning key
+TORCH_DEFAULT_THREADS = {THREADS_ENV: "0"}  # the worker on torch's default thread count (one per core)
+# log4j2 for the experiment "quiet logging": TorchServe's own configuration (ts/frontend's
+# log4j2.xml) logs about a dozen lines per request at INFO/DEBUG, most of them twice (the
+# org.pytorch.serve logger and the root logger share the ts_log appender) and once more to
+# stdout; here the per-request loggers are at WARN, nothing is duplicated, and there is no
+# access log. Model metrics are unaffected: the frontend parses them before logging.
+QUIET_LOG4J2 = """<?xml version="1.0" encoding="UTF-8"?>
+<Configuration>
+  <Appenders>
+    <RollingFile name="ts_log" fileName="${env:LOG_LOCATION:-logs}/ts_log.log"
+                 filePattern="${env:LOG_LOCATION:-logs}/ts_log.%d{dd-MMM}.log.gz">
+      <PatternLayout pattern="%d{ISO8601} [%-5p] %t %c - %m%n"/>
+      <Policies><SizeBasedTriggeringPolicy size="100 MB"/></Policies>
+    </RollingFile>
+  </Appenders>
+  <Loggers>
+    <Logger name="ACCESS_LOG" level="off"/>
+    <Logger name="MODEL_METRICS" level="off"/>
+    <Logger name="TS_METRICS" level="off"/>
+    <Logger name="io.netty" level="error"/>
+    <Logger name="org.apache" level="off"/>
+    <Logger name="MODEL_LOG" level="warn"/>
+    <Logger name="org.pytorch.serve.wlm.WorkerThread" level="warn"/>
+    <Logger name="org.pytorch.serve.wlm.BatchAggregator" level="warn"/>
+    <Logger name="org.pytorch.serve.wlm.WorkerLifeCycle" level="warn"/>
+    <Logger name="org.pytorch.serve.job" level="warn"/>
+    <Root level="info"><AppenderRef ref="ts_log"/></Root>
+  </Loggers>
+</Configuration>
+"""
+
+
+def quiet_logging(directory: Path) -> dict[str, str]:
+    """Config overrides that point TorchServe's JVM at :data:`QUIET_LOG4J2` (written to ``directory``)."""
+    path = directory / "log4j2-quiet.xml"
+    path.write_text(QUIET_LOG4J2)
+    return {"vmargs": f"-Dlog4j.configurationFile=file://{path}"}
+
+
+def tuning_experiments(tail_mar: Path, payloads: Sequence[bytes], requests: int, work_dir: Path) -> list[dict]:
+    """fp16 at concurrency 1 and 16 under server and registration variants, one change at a time."""
+    trainer_default = [("batch 8, delay 5 ms (trainer default)", 8, 5, 1)]
+    servers = [
+        ("stock TorchServe, torch default threads", STOCK, TORCH_DEFAULT_THREADS, trainer_default),
+        ("stock TorchServe, handler 1 thread", STOCK, {}, trainer_default),
+        ("project config.properties", {}, {}, [
+            *trainer_default,
+            ("batch 1 (no batching)", 1, 0, 1),
+            ("batch 16, delay 0 ms", 16, 0, 1),
+            ("batch 16, delay 2 ms", 16, 2, 1),
+            ("batch 16, delay 0 ms, 2 workers", 16, 0, 2),
+        ]),
+        ("project config + quiet log4j2", quiet_logging(work_dir), {}, [("batch 16, delay 0 ms", 16, 0, 1)]),
+    ]  # fmt: skip
+    rows = []
+    for server_label, overrides, env, registrations in servers:
+        log(f"tuning: {server_label} ...")
+        with private_torchserve(overrides, env) as server:
+            for index, (reg_label, batch, delay, workers) in enumerate(registrations):
+                name = f"tune-{index}"
+                url = serve(server, tail_mar, name, batch_size=batch, delay_ms=delay, workers=workers)
+                c1 = measure("tuning", url, "fp16", payloads, 1, requests)
+                c16 = measure("tuning", url, "fp16", payloads, 16, requests * 2)
+                rows.append({"server": server_label, "registration": reg_label, "c1_p50_ms": c1.p50_ms,
+                             "c1_p95_ms": c1.p95_ms, "c1_rps": c1.throughput_rps, "c16_p50_ms": c16.p50_ms,
+                             "c16_rps": c16.throughput_rps, "errors": c1.errors + c16.errors})  # fmt: skip
+                ts.unregister(server.management_url, name)
+    return rows
+
+
+# -- report ---------------------------------------------------------------------------------
+
+
+def goals(report: Report) -> dict:
+    def cell(endpoint: str, encoding: str, c: int) -> LoadResult | None:
+        return next(
+            (r for r in report.latency if (r.endpoint, r.encoding, r.concurrency) == (endpoint, encoding, c)), None
+        )
+
+    ts1, fa1 = cell("torchserve tail", "fp16", 1), cell("fastapi tail (bare)", "fp16", 1)
+    ts16 = cell("torchserve tail", "fp16", 16)
+    out: dict = {}
+    if ts1 and fa1:
+        out["p50_ratio_torchserve_to_fastapi_c1"] = ts1.p50_ms / fa1.p50_ms
+        out["p50_goal_met"] = out["p50_ratio_torchserve_to_fastapi_c1"] <= 2.0
+    if ts1 and ts16:
+        out["throughput_ratio_c16_to_c1"] = ts16.throughput_rps / ts1.throughput_rps
+        out["throughput_goal_met"] = out["throughput_ratio_c16_to_c1"] >= 2.0
+    for enc, target in (("fp16", 0.99), ("int8", 0.97)):
+        if enc in report.agreement:
+            out[f"agreement_{enc}_goal_met"] = report.agreement[enc]["agreement_with_full"] >= target
+    return out
+
+
+def print_report(r: Report) -> None:
+    m = r.model
+    print(f"\nmachine: {r.machine['cpus']} CPUs, load average {fmt_load(r.machine['load_average'])} before, "
+          f"{fmt_load(r.machine['load_average_after'])} after; torch {r.machine['torch']}")  # fmt: skip
+    print(f"model: {m['arch']} width {m['width']}, cut {m['cut']} (ratio {m['ratio']}), code {m['code_shape']}, "
+          f"image {m['image_shape']}; test accuracy full {m['accuracy_full']:.4f}, split {m['accuracy_split']:.4f}")  # fmt: skip
+    e = r.edge
+    print(f"edge (1 image, 1 thread): head {e['head_ms']:.3f} ms; encode " +
+          ", ".join(f"{enc} {e[f'encode_{enc}_ms']:.3f} ms" for enc in ENCODINGS))  # fmt: skip
+
+    print("\npayload per image (one wire message, N=1):")
+    print(f"  raw image {r.payload['raw_image_bytes']} B (uint8), PNG {r.payload['png_mean_bytes']:.0f} B mean")
+    for key in (*ENCODINGS, "full"):
+        label = f"code {key}" if key != "full" else "full image fp16"
+        print(f"  {label:<16} {r.payload[f'{key}_bytes']:>6} B  = {r.payload[f'{key}_ratio_to_raw']:.3f} x raw")
+
+    print("\nagreement with the full model on the 10,000 test images (served predictions):")
+    for key, a in r.agreement.items():
+        print(f"  {key:<11} agreement {100 * a['agreement_with_full']:6.2f} %   accuracy {100 * a['accuracy']:6.2f} %")
+
+    print(f"\nlatency (single-image requests, top-{TOP_K}):")
+    print(f"  {'endpoint':<24}{'enc':<6}{'conc':>5}{'p50 ms':>9}{'p95 ms':>9}{'req/s':>9}{'B/req':>8}{'err':>5}")
+    for x in r.latency:
+        print(f"  {x.endpoint:<24}{x.encoding:<6}{x.concurrency:>5}{x.p50_ms:>9.2f}{x.p95_ms:>9.2f}"
+              f"{x.throughput_rps:>9.0f}{x.bytes_per_request:>8.0f}{x.errors:>5}")  # fmt: skip
+    print(
+        f"  {'in-process handler':<24}{'fp16':<6}{'-':>5}{r.in_process['p50_ms']:>9.2f}{r.in_process['p95_ms']:>9.2f}"
+    )
+
+    if r.tuning:
+        print("\ntuning (fp16 tail; each server variant a fresh TorchServe):")
+        print(f"  {'server':<52}{'registration':<38}{'c1 p50':>8}{'c1 p95':>8}{'c1 r/s':>8}{'c16 r/s':>9}")
+        for t in r.tuning:
+            print(f"  {t['server']:<52}{t['registration']:<38}{t['c1_p50_ms']:>8.2f}{t['c1_p95_ms']:>8.2f}"
+                  f"{t['c1_rps']:>8.0f}{t['c16_rps']:>9.0f}")  # fmt: skip
+
+    g = r.goals
+    print("\ngoals:")
+    if "p50_goal_met" in g:
+        print(f"  TorchServe p50 at c=1 / bare FastAPI p50: {g['p50_ratio_torchserve_to_fastapi_c1']:.2f} "
+              f"(goal <= 2): {'met' if g['p50_goal_met'] else 'NOT met'}")  # fmt: skip
+    if "throughput_goal_met" in g:
+        print(f"  TorchServe throughput c=16 / c=1: {g['throughput_ratio_c16_to_c1']:.2f} "
+              f"(goal >= 2): {'met' if g['throughput_goal_met'] else 'NOT met'}")  # fmt: skip
+    for enc, target in (("fp16", 99), ("int8", 97)):
+        if f"agreement_{enc}_goal_met" in g:
+            ok = g[f"agreement_{enc}_goal_met"]
+            print(f"  {enc} agreement >= {target} %: {'met' if ok else 'NOT met'}")
+
+
+def fmt_load(load: Sequence[float]) -> str:
+    return "/".join(f"{v:.2f}" for v in load)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
