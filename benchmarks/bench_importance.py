@@ -54,11 +54,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from torch import nn
+
 from isplit.cuts import CutPoint, find_cut_points
 from isplit.data import load_dataset, to_model_input
 from isplit.importance import accumulate_importance, curve_from_stats, local_maxima, log10_cui
 from isplit.zoo import build_model
-from torch import nn
 
 CUI_TOLERANCE = 1e-4  # max relative CUI difference between methods in fp32
 LOG10_TOLERANCE = 1e-3  # max |delta log10 CUI| engine vs authors when the relative target is missed

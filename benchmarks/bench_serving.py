@@ -56,6 +56,9 @@ import torch
 import torch.nn.functional as F
 import uvicorn
 from fastapi import FastAPI, Request, Response
+from PIL import Image
+from torch import nn
+
 from isplit import torchserve as ts
 from isplit import wire
 from isplit.checkpoint import ModelInfo, load_model, save_checkpoint
@@ -64,8 +67,6 @@ from isplit.export import export_pair
 from isplit.retrain import retrain_split
 from isplit.training import evaluate, train_classifier
 from isplit.zoo import build_model
-from PIL import Image
-from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "torchserve"

@@ -14,6 +14,7 @@ import platform
 import time
 
 import torch
+
 from isplit.checkpoint import ModelInfo
 from isplit.cuts import find_cut_points
 from isplit.data import load_dataset

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 
 import pytest
+from kafka import KafkaAdminClient, KafkaConsumer
+
 from isplit.bus import (
     PublishError,
     dead_letter,
@@ -24,7 +26,6 @@ from isplit.messages import (
     candidate_id_for,
     decode,
 )
-from kafka import KafkaAdminClient, KafkaConsumer
 
 pytestmark = pytest.mark.kafka
 

@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
 from isplit.analysis import AnalysisResult
 from isplit.checkpoint import load_model
 from isplit.data import load_dataset
-from PIL import Image
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -7,11 +7,12 @@ import re
 
 import pytest
 import torch
+from torch import nn
+from torchvision.models.mobilenetv2 import InvertedResidual
+
 from isplit import IsplitError
 from isplit.cuts import find_cut_points
 from isplit.zoo import build_model
-from torch import nn
-from torchvision.models.mobilenetv2 import InvertedResidual
 
 SKIPPED_KINDS = {"ReLU", "BatchNorm2d", "Dropout", "Identity", "Flatten"}
 

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
+
 from isplit import IsplitError, wire
 from isplit import torchserve as ts
 from isplit.checkpoint import load_model
@@ -28,7 +30,6 @@ from isplit.data import load_dataset
 from isplit.edge import EdgeClient
 from isplit.export import export_pair
 from isplit.retrain import retrain_split
-from PIL import Image
 
 pytestmark = pytest.mark.torchserve
 

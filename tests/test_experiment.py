@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from isplit.cuts import CutPoint
 from isplit.experiment import (
     SweepResult,

@@ -11,6 +11,8 @@ import math
 
 import pytest
 import torch
+from torch import nn
+
 from isplit import IsplitError
 from isplit.cuts import find_cut_points
 from isplit.importance import (
@@ -22,7 +24,6 @@ from isplit.importance import (
     log10_cui,
 )
 from isplit.zoo import build_model
-from torch import nn
 
 NUM_CLASSES = 3
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
+
 from isplit import IsplitError
 from isplit.cuts import CutPoint
 from isplit.data import load_dataset
@@ -16,7 +18,6 @@ from isplit.importance import (
     local_maxima,
 )
 from isplit.zoo import build_model
-from torch import nn
 
 SUBSET = [1, 7]
 

@@ -8,6 +8,9 @@ import json
 import re
 
 import pytest
+from kubernetes_validate import utils as kv
+from pydantic import ValidationError
+
 from isplit_trainer.k8s_executor import (
     CANDIDATE_ID_LABEL,
     JobTemplate,
@@ -16,8 +19,6 @@ from isplit_trainer.k8s_executor import (
     job_outcome,
     label_value,
 )
-from kubernetes_validate import utils as kv
-from pydantic import ValidationError
 
 K8S_VERSIONS = ("1.30.0", kv.latest_version())
 DNS_1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")

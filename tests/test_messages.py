@@ -7,6 +7,8 @@ import re
 from datetime import datetime, timezone
 
 import pytest
+from pydantic import ValidationError
+
 from isplit.messages import (
     TOPIC_CANDIDATES,
     TOPIC_DEAD_LETTER,
@@ -22,7 +24,6 @@ from isplit.messages import (
     decode,
     encode,
 )
-from pydantic import ValidationError
 
 
 def make_candidate(**changes: object) -> SplitCandidate:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 import torch
+
 from isplit import torchserve as ts
 from isplit import wire
 

@@ -11,6 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+
 from isplit import IsplitError, wire
 
 FP16_RELATIVE_ERROR = 2.0**-11  # half a unit in the last place of a 10-bit mantissa

@@ -9,6 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from torch import nn
+
 from isplit import IsplitError
 from isplit import data as isplit_data
 from isplit.checkpoint import ModelInfo, load_model, read_checkpoint, save_checkpoint
@@ -21,8 +24,6 @@ from isplit.data import (
     to_model_input,
 )
 from isplit.zoo import ARCHS, build_model
-from PIL import Image
-from torch import nn
 
 # -- zoo ------------------------------------------------------------------------------------
 

@@ -37,9 +37,10 @@ import time
 from typing import Any
 
 import torch
-from isplit import wire
 from ts.metrics.dimension import Dimension
 from ts.metrics.metric_type_enum import MetricTypes
+
+from isplit import wire
 
 logger = logging.getLogger(__name__)
 

@@ -11,13 +11,13 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.responses import FileResponse
+from sqlalchemy import func, select, text
+from sqlalchemy.orm import Session
+
 from isplit import IsplitError
 from isplit.bus import kafka_reachable
 from isplit.checkpoint import load_model, sha256_file
 from isplit.stats import spearman
-from sqlalchemy import func, select, text
-from sqlalchemy.orm import Session
-
 from isplit_analyzer import metrics
 from isplit_analyzer.jobs import model_path, new_job_id, report_dir
 from isplit_analyzer.schemas import (

@@ -81,9 +81,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        title = {400: "Bad Request", 404: "Not Found", 409: "Conflict", 413: "Payload Too Large", 422: "Unprocessable Content", 503: "Service Unavailable"}.get(
-            exc.status_code, "Error"
-        )
+        title = {
+            400: "Bad Request",
+            404: "Not Found",
+            409: "Conflict",
+            413: "Payload Too Large",
+            422: "Unprocessable Content",
+            503: "Service Unavailable",
+        }.get(exc.status_code, "Error")
         return problem(exc.status_code, title, str(exc.detail))
 
     @app.exception_handler(RequestValidationError)

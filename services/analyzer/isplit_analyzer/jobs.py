@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
 from isplit import IsplitError
 from isplit.bus import make_producer, publish
 from isplit.messages import (
@@ -28,9 +31,6 @@ from isplit.messages import (
     SplitCandidate,
     candidate_id_for,
 )
-from sqlalchemy import select, update
-from sqlalchemy.orm import Session, sessionmaker
-
 from isplit_analyzer import metrics
 from isplit_analyzer.config import Settings
 from isplit_analyzer.store import (

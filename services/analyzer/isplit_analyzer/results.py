@@ -7,11 +7,11 @@ import logging
 import threading
 from typing import Any
 
-from isplit.bus import dead_letter, make_consumer, make_producer
-from isplit.messages import TOPIC_RESULTS, MessageError, TrainingResult, decode
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
+from isplit.bus import dead_letter, make_consumer, make_producer
+from isplit.messages import TOPIC_RESULTS, MessageError, TrainingResult, decode
 from isplit_analyzer import metrics
 from isplit_analyzer.store import CandidateRow
 

@@ -14,11 +14,11 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from kafka.structs import OffsetAndMetadata, TopicPartition
+
 from isplit.bus import dead_letter, ensure_topics, make_consumer, make_producer, publish
 from isplit.messages import TOPIC_CANDIDATES, TOPIC_RESULTS, MessageError, SplitCandidate, TrainingResult, decode
 from isplit.retrain import Abandoned
-from kafka.structs import OffsetAndMetadata, TopicPartition
-
 from isplit_trainer import metrics
 from isplit_trainer.config import Settings
 from isplit_trainer.executors import Executor, make_executor

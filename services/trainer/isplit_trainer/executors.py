@@ -6,7 +6,6 @@ from collections.abc import Callable
 from typing import Protocol
 
 from isplit.messages import SplitCandidate, TrainingResult
-
 from isplit_trainer.config import Settings
 from isplit_trainer.pipeline import existing_result, train_candidate
 

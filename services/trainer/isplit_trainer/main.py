@@ -8,9 +8,9 @@ import os
 import signal
 import sys
 
-from isplit.messages import MessageError, SplitCandidate, decode
 from prometheus_client import start_http_server
 
+from isplit.messages import MessageError, SplitCandidate, decode
 from isplit_trainer.config import Settings
 
 

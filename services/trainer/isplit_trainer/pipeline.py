@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
 from isplit import IsplitError, wire
 from isplit import torchserve as ts
 from isplit.checkpoint import load_model
@@ -21,7 +22,6 @@ from isplit.export import export_pair
 from isplit.messages import SplitCandidate, TrainingResult
 from isplit.retrain import retrain_split
 from isplit.training import pick_device
-
 from isplit_trainer import metrics
 from isplit_trainer.config import Settings
 
