@@ -117,6 +117,7 @@ def test_subsets_are_searched_retrained_and_measured_on_their_classes(sweep):
     for s in result.subsets:
         assert s.chosen == "auto" and len(s.classes) in (2, 3)
         assert s.best_moved == (s.best != result.curve.best)
+        assert s.decisive == (s.best_moved and s.margin >= result.parameters.min_margin)
         assert 1 <= len(s.measurements) <= 2 and s.measurements[0].module in (s.best, s.all_class_best)
         assert all(0 <= m.accuracy <= 1 for m in s.measurements)
         assert len(s.log10_cui) == len(result.curve.points)
@@ -228,6 +229,17 @@ def test_subset_search_finds_subsets_whose_best_cut_differs_from_the_all_class_b
     assert "p2" not in bests and len(set(bests)) == 2  # two different moved peaks
     for classes, curve in found:
         assert curve.classes == classes
+
+
+def test_subset_search_puts_decisive_moves_before_near_ties():
+    stats = _stats_with_class_peaks([2, 2, 2, 1, 1, 3, 3])
+    stats.sums["p3"][5:] = 1000.4  # classes 5 and 6 now prefer p3 over p2 by a hair only
+    stats.sums["p2"][5:] = 1000.0
+    found = subset_search(stats, "p2", count=8, min_margin=0.05)
+    margins = [c.point(c.best).log10_cui - c.point("p2").log10_cui for _, c in found]
+    decisive = [m >= 0.05 for m in margins]
+    assert decisive[0] and decisive == sorted(decisive, reverse=True)
+    assert any(c.best == "p3" for _, c in found)  # a near-tie still counts once decisive ones run out
 
 
 def test_verdict_calls_accuracies_within_noise_inconclusive(sweep):

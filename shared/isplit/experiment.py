@@ -92,6 +92,7 @@ class SweepConfig(BaseModel):
     max_cuts: int | None = None
     subsets: list[list[int | str]] | None = None  # class indices or names
     num_subsets: int = 2
+    min_margin: float = 0.05  # log10 CUI: a subset's best cut must beat the all-class best by this to count
     subset_cuts: int = 4
     time_budget_s: float | None = None
     permutations: int = 10000
@@ -179,6 +180,7 @@ class SubsetResult(BaseModel):
     candidates: list[str]
     all_class_best: str
     best_moved: bool
+    decisive: bool  # moved, and by at least min_margin (not a near-tie)
     margin: float  # log10 CUI of the subset curve at its best minus at the all-class best
     log10_cui: list[float]  # aligned with SweepResult.curve.points
     correlation_all_class_bottlenecks: Correlation  # subset CUI vs subset accuracy of the all-class bottlenecks
@@ -316,15 +318,22 @@ def size_pick(curve: ImportanceCurve) -> tuple[str, list[str]]:
 
 
 def subset_search(
-    stats: ImportanceStats, all_best: str, *, count: int, sizes: Sequence[int] = (2, 3)
+    stats: ImportanceStats,
+    all_best: str,
+    *,
+    count: int,
+    min_margin: float = 0.05,
+    sizes: Sequence[int] = (2, 3),
 ) -> list[tuple[list[int], ImportanceCurve]]:
     """Class subsets whose curve peaks at a cut other than ``all_best``, most decisive first.
 
-    Searches all pairs and triples of analysed classes. Decisiveness is the margin: the
-    subset curve's log10 CUI at its own best minus at ``all_best``. Later picks prefer a
-    best cut no earlier pick has, then classes disjoint from earlier picks. When fewer than
-    ``count`` subsets move the best cut, the rest are the subsets whose curves rank
-    ``all_best`` lowest (their ``best`` equals ``all_best``; the report says so).
+    Searches all pairs and triples of analysed classes. The margin of a subset is its
+    curve's log10 CUI at its own best minus at ``all_best``. Subsets whose margin reaches
+    ``min_margin`` come first, then those that move the best cut only within a near-tie;
+    within each group, larger margins first, preferring a best cut no earlier pick has, then
+    classes disjoint from earlier picks. When fewer than ``count`` subsets move the best cut,
+    the rest are the subsets whose curves rank ``all_best`` lowest (their ``best`` equals
+    ``all_best`` or ties with it: not moves; the report says so).
     """
     present = [k for k in range(stats.counts.numel()) if int(stats.counts[k]) > 0]
     scored: list[tuple[float, list[int], ImportanceCurve]] = []
@@ -332,24 +341,25 @@ def subset_search(
         for combo in itertools.combinations(present, size):
             curve = curve_from_stats(stats, list(combo))
             scored.append((_margin(curve, all_best), list(combo), curve))
-    moved = sorted((s for s in scored if s[2].best != all_best), key=lambda s: -s[0])
+    # A margin of 0 is a tie broken by network order, not a move.
+    moved = sorted((s for s in scored if s[2].best != all_best and s[0] > 0), key=lambda s: -s[0])
     chosen: list[tuple[list[int], ImportanceCurve]] = []
-    while moved and len(chosen) < count:
-        bests = {c.best for _, c in chosen}
-        used = {k for classes, _ in chosen for k in classes}
-        pool = (
-            [s for s in moved if s[2].best not in bests and not used & set(s[1])]
-            or [s for s in moved if s[2].best not in bests]
-            or [s for s in moved if not used & set(s[1])]
-            or moved
-        )
-        _, classes, curve = pool[0]
-        chosen.append((classes, curve))
-        moved = [s for s in moved if s[1] != classes]
+    for group in ([s for s in moved if s[0] >= min_margin], [s for s in moved if s[0] < min_margin]):
+        while group and len(chosen) < count:
+            bests = {c.best for _, c in chosen}
+            used = {k for classes, _ in chosen for k in classes}
+            pool = (
+                [s for s in group if s[2].best not in bests and not used & set(s[1])]
+                or [s for s in group if s[2].best not in bests]
+                or [s for s in group if not used & set(s[1])]
+                or group
+            )
+            _, classes, curve = pool[0]
+            chosen.append((classes, curve))
+            group = [s for s in group if s[1] != classes]
     if len(chosen) < count:
-        rest = sorted(
-            (s for s in scored if s[2].best == all_best), key=lambda s: _rank_of(s[2], all_best), reverse=True
-        )
+        taken = [classes for classes, _ in chosen]
+        rest = sorted((s for s in scored if s[1] not in taken), key=lambda s: _rank_of(s[2], all_best), reverse=True)
         chosen += [(classes, curve) for _, classes, curve in rest[: count - len(chosen)]]
     return chosen
 
@@ -620,7 +630,7 @@ def run_sweep(
     if subsets_given is not None:
         subset_curves = [(s, curve_from_stats(stats, s)) for s in subsets_given]
     else:
-        subset_curves = subset_search(stats, curve.best, count=cfg.num_subsets)
+        subset_curves = subset_search(stats, curve.best, count=cfg.num_subsets, min_margin=cfg.min_margin)
     phases["importance"] = time.perf_counter() - phase
 
     active = [p for p in curve.points if not p.skipped]
@@ -658,7 +668,8 @@ def run_sweep(
             sub_curve,
             curve,
             cuts,
-            fit,
+            full_train,
+            len(fit),
             test,
             cfg,
             device,
@@ -756,7 +767,8 @@ def _measure_subset(
     sub_curve: ImportanceCurve,
     curve: ImportanceCurve,
     all_cuts: list[CutMeasurement],
-    fit: ImageSet,
+    pool: ImageSet,
+    fit_size: int,
     test: ImageSet,
     cfg: SweepConfig,
     device: torch.device,
@@ -776,9 +788,10 @@ def _measure_subset(
         seed=cfg.seed + 7,
     )
     plan = _subset_plan(sub_curve, curve, cfg.subset_cuts)
-    fit_subset = fit.subset(classes)
+    # As many training images as an all-class bottleneck gets (same steps), from the whole split.
+    fit_subset = pool.subset(classes, fit_size)
     test_subset = test.subset(classes)
-    share = len(fit_subset) / max(len(fit), 1)  # a subset job trains on fewer images
+    share = len(fit_subset) / max(fit_size, 1)
     measurements: list[SubsetCutMeasurement] = []
     label = ",".join(map(str, classes))
     for module in tqdm(plan, desc=f"cuts (classes {label})", unit="cut", disable=not progress):
@@ -825,6 +838,7 @@ def _measure_subset(
         candidates=sub_curve.candidates,
         all_class_best=curve.best,
         best_moved=sub_curve.best != curve.best,
+        decisive=sub_curve.best != curve.best and _margin(sub_curve, curve.best) >= cfg.min_margin,
         margin=_margin(sub_curve, curve.best),
         log10_cui=[p.log10_cui for p in sub_curve.points],
         correlation_all_class_bottlenecks=correlation,
@@ -947,18 +961,31 @@ def verdict(result: SweepResult) -> list[str]:
                 f"Measured accuracies span {100 * spread:.1f} points across cuts "
                 f"(test-set standard error ≈ {100 * se_mean:.1f} points on {n_test} images)."
             )
-    moved = [s for s in result.subsets if s.best_moved]
     if result.subsets:
-        if moved:
-            names = "; ".join(f"{{{', '.join(s.class_names)}}}: `{s.all_class_best}` → `{s.best}`" for s in moved)
+        margin = result.parameters.min_margin
+        decisive = [s for s in result.subsets if s.decisive]
+        near = [s for s in result.subsets if s.best_moved and not s.decisive]
+        if decisive:
             lines.append(
-                f"The predicted best cut moved for {len(moved)} of {len(result.subsets)} class subsets ({names})."
+                f"The predicted best cut moved decisively (by ≥ {margin} in log10 CUI) for {len(decisive)} of "
+                f"{len(result.subsets)} class subsets: {_moves(decisive)}."
             )
-        else:
+        if near:
+            lines.append(
+                f"For {len(near)} subset(s) the best cut moved only within a near-tie (margin < {margin} in log10 "
+                f"CUI, i.e. the curve's top is flat there): {_moves(near)}."
+            )
+        if not decisive and not near:
             lines.append("No class subset searched moved the predicted best cut away from the all-class best.")
         for s in result.subsets:
             lines.append(_subset_conclusion(s, result.test_class_counts))
     return lines
+
+
+def _moves(subsets: Sequence[SubsetResult]) -> str:
+    return "; ".join(
+        f"{{{', '.join(s.class_names)}}}: `{s.all_class_best}` → `{s.best}` (margin {s.margin:.3f})" for s in subsets
+    )
 
 
 def _subset_conclusion(s: SubsetResult, test_counts: Sequence[int]) -> str:
@@ -1052,7 +1079,11 @@ def render_report(result: SweepResult, plot_name: str | None = None) -> str:
         out += ["## Class subsets", ""]
         for s in result.subsets:
             label = ", ".join(n if n == str(k) else f"{k} {n}" for k, n in zip(s.classes, s.class_names, strict=True))
-            moved = f"moved from `{s.all_class_best}` to `{s.best}`" if s.best_moved else f"stayed at `{s.best}`"
+            moved = (
+                f"moved {'' if s.decisive else 'within a near-tie '}from `{s.all_class_best}` to `{s.best}`"
+                if s.best_moved
+                else f"stayed at `{s.best}`"
+            )
             out += [
                 f"### Classes {label} ({s.chosen})",
                 "",
@@ -1102,7 +1133,9 @@ def render_report(result: SweepResult, plot_name: str | None = None) -> str:
         f"on {result.test_images} test images.",
         f"* Bottleneck at each cut: ratio {p.ratio}, {p.epochs_bottleneck} epoch(s) on {result.bottleneck_images} "
         f"training images (lr {p.lr_bottleneck}, batch {p.batch_size_bottleneck}), original layers frozen; the "
-        "same budget at every cut. Subset bottlenecks train on the subset's share of those images.",
+        "same budget at every cut. Subset bottlenecks get as many training images of the subset's classes "
+        "(from the whole training split), so the same number of steps; subset accuracy is the 10-way top-1 on the "
+        "subset's test images.",
         f"* Importance: {result.curve.num_images} images of the {p.analysis_split} split, target = "
         f"{result.curve.target} (CUI involves no fitting, so sharing the test split with the accuracy measurement "
         "leaks nothing it could learn from).",
@@ -1283,6 +1316,9 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-subsets", type=int, default=2, help="subsets to search for when --subsets is not given")
     p.add_argument("--subset-cuts", type=int, default=4, help="cuts retrained on each subset's images")
     p.add_argument(
+        "--min-margin", type=float, default=0.05, help="log10 CUI by which a subset's best must win to count as moved"
+    )
+    p.add_argument(
         "--time-budget", type=float, help="seconds for the whole sweep; retraining that would overrun is skipped"
     )
     p.add_argument("--permutations", type=int, default=10000, help="Monte Carlo draws for p-values (n > 8)")
@@ -1318,6 +1354,7 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
         max_cuts=args.max_cuts,
         subsets=[[int(c) if c.isdigit() else c for c in g] for g in args.subsets] if args.subsets else None,
         num_subsets=args.num_subsets,
+        min_margin=args.min_margin,
         subset_cuts=args.subset_cuts,
         time_budget_s=args.time_budget,
         permutations=args.permutations,

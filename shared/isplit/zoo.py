@@ -127,7 +127,8 @@ def _vgg(arch: str, width: float, input_size: int, pretrained: bool) -> nn.Modul
 
 
 def _init_vgg(model: nn.Module) -> None:
-    """torchvision's VGG initialisation."""
+    """torchvision's VGG initialisation for the features; the narrower classifier keeps
+    PyTorch's default Linear init (VGG's N(0, 0.01) starves a 3-layer head this small)."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -135,9 +136,6 @@ def _init_vgg(model: nn.Module) -> None:
                 nn.init.constant_(m.bias, 0)
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.constant_(m.weight, 1)
-            nn.init.constant_(m.bias, 0)
-        elif isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0, 0.01)
             nn.init.constant_(m.bias, 0)
 
 
