@@ -44,9 +44,10 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -98,6 +99,7 @@ class LoadResult:
     throughput_rps: float
     bytes_per_request: float
     errors: int
+    mean_batch: float | None = None  # TorchServe: codes per forward pass, from the handler's metric
 
 
 @dataclass
@@ -109,6 +111,7 @@ class Report:
     agreement: dict = field(default_factory=dict)
     latency: list[LoadResult] = field(default_factory=list)
     in_process: dict = field(default_factory=dict)
+    head_to_head: dict = field(default_factory=dict)
     tuning: list[dict] = field(default_factory=list)
     goals: dict = field(default_factory=dict)
 
@@ -118,12 +121,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", type=Path, help="a Fashion-MNIST isplit checkpoint (else one is trained)")
     p.add_argument("--work-dir", type=Path, default=REPO / "var" / "bench-serving", help="cached model, exports")
     p.add_argument("--width", type=float, default=0.25)
-    p.add_argument("--epochs", type=int, default=2, help="reference model training epochs")
-    p.add_argument("--train-images", type=int, default=30000)
-    p.add_argument("--cut", default="features.10")
-    p.add_argument("--ratio", type=int, default=2, help="bottleneck channel reduction at the cut")
+    p.add_argument("--epochs", type=int, default=4, help="reference model training epochs")
+    p.add_argument("--train-images", type=int, default=60000, help="for the reference model and the bottleneck")
+    p.add_argument("--cut", default="features.15")
+    p.add_argument("--ratio", type=int, default=1, help="bottleneck channel reduction at the cut")
     p.add_argument("--bottleneck-epochs", type=int, default=3)
     p.add_argument("--requests", type=int, default=600, help="timed requests per latency cell")
+    p.add_argument("--warmup", type=int, default=2000, help="untimed requests per endpoint first (JVM warm-up)")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds of the head-to-head comparison")
     p.add_argument("--concurrency", default="1,8,16", help="client threads, comma-separated")
     p.add_argument("--batch-size", type=int, default=16, help="TorchServe server-side batch size")
     p.add_argument("--max-batch-delay-ms", type=int, default=0)
@@ -204,6 +209,7 @@ class Server:
     inference_url: str
     management_url: str
     model_store: Path
+    metrics_url: str | None = None
 
 
 def free_ports(count: int) -> list[int]:
@@ -261,7 +267,7 @@ def private_torchserve(overrides: dict[str, str | None], env: dict[str, str]) ->
             line.split("=", 1) for line in (root / "r" / "torchserve.env").read_text().splitlines() if "=" in line
         )
         yield Server(state["ISPLIT_TORCHSERVE_INFERENCE_URL"], state["ISPLIT_TORCHSERVE_MANAGEMENT_URL"],
-                     Path(state["ISPLIT_TORCHSERVE_MODEL_STORE"]))  # fmt: skip
+                     Path(state["ISPLIT_TORCHSERVE_MODEL_STORE"]), state["ISPLIT_TORCHSERVE_METRICS_URL"])  # fmt: skip
     finally:
         script("stop")
         shutil.rmtree(root, ignore_errors=True)
@@ -275,6 +281,46 @@ def serve(server: Server, mar: Path, name: str, *, batch_size: int, delay_ms: in
     ts.register(server.management_url, target.name, name, batch_size=batch_size, max_batch_delay_ms=delay_ms,
                 initial_workers=workers)  # fmt: skip
     return ts.inference_url(server.inference_url, name)
+
+
+def batch_totals(server: Server, name: str) -> tuple[float, float]:
+    """(forward passes, codes) of model ``name`` so far, from the handler's
+    ``isplit_tail_batch_size`` histogram; (0, 0) without a metrics URL."""
+    if server.metrics_url is None:
+        return 0.0, 0.0
+    with urllib.request.urlopen(f"{server.metrics_url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    totals = []
+    for suffix in ("count", "sum"):
+        pattern = rf'^isplit_tail_batch_size_{suffix}\{{[^}}]*ModelName="{re.escape(name)}"[^}}]*\}} (\S+)$'
+        totals.append(sum(float(v) for v in re.findall(pattern, text, re.MULTILINE)))
+    return totals[0], totals[1]
+
+
+def measure_batched(
+    endpoint: str,
+    server: Server,
+    name: str,
+    url: str,
+    encoding: str,
+    payloads: Sequence[bytes],
+    concurrency: int,
+    requests: int,
+) -> LoadResult:
+    """:func:`measure` on a TorchServe model, plus its mean server-side batch size (from the
+    handler's ``isplit_tail_batch_size`` metric) over the timed requests."""
+    load_test(url, payloads, concurrency, 0, warmup=100)
+    before = batch_totals(server, name)
+    result = measure(endpoint, url, encoding, payloads, concurrency, requests, warmup=0)
+    deadline = time.monotonic() + 10  # backend metrics reach :8082 a moment after the answers
+    while True:
+        after = batch_totals(server, name)
+        if after[1] - before[1] >= requests or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    passes = after[0] - before[0]
+    result.mean_batch = (after[1] - before[1]) / passes if passes else None
+    return result
 
 
 # -- the bare FastAPI endpoint and the in-process handler ---------------------------------
@@ -407,8 +453,16 @@ def load_test(url: str, payloads: Sequence[bytes], concurrency: int, requests: i
     return {"latencies": latencies, "wall_s": wall, "errors": errors[0]}
 
 
-def measure(endpoint: str, url: str, encoding: str, payloads: Sequence[bytes], concurrency: int, requests: int):
-    out = load_test(url, payloads, concurrency, requests)
+def measure(
+    endpoint: str,
+    url: str,
+    encoding: str,
+    payloads: Sequence[bytes],
+    concurrency: int,
+    requests: int,
+    warmup: int = 100,
+) -> LoadResult:
+    out = load_test(url, payloads, concurrency, requests, warmup)
     lat = out["latencies"]
     return LoadResult(
         endpoint=endpoint,
@@ -502,6 +556,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with torch.inference_mode():
         codes = torch.cat([head(x_test[i : i + 500]) for i in range(0, len(x_test), 500)])
         full_top1 = torch.cat([model(x_test[i : i + 500]).argmax(1) for i in range(0, len(x_test), 500)])
+        tail = torch.jit.load(str(files["tail.pt"])).eval()
+        split_fp32_top1 = torch.cat([tail(codes[i : i + 500]).argmax(1) for i in range(0, len(codes), 500)])
         one = x_test[:1]
         report.edge = {"head_ms": median_ms(lambda: head(one))}
     for enc in ENCODINGS:
@@ -532,17 +588,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         else private_torchserve({}, {})
     )
     tag = f"-{os.getpid()}"
-    with main_server as server:
+    tail_name, full_name = f"bench-tail{tag}", f"bench-full{tag}"
+    with main_server as server, fastapi_endpoint(export / "pair") as fastapi_url:
         log(f"TorchServe at {server.inference_url}; registering the tail and the full-image endpoint ...")
         kw = {"batch_size": args.batch_size, "delay_ms": args.max_batch_delay_ms, "workers": args.workers}
-        tail_url = serve(server, tail_mar, f"bench-tail{tag}", **kw)
-        full_url = serve(server, full_mar, f"bench-full{tag}", **kw)
+        tail_url = serve(server, tail_mar, tail_name, **kw)
+        full_url = serve(server, full_mar, full_name, **kw)
         try:
             log("agreement on the test set ...")
             for enc in ENCODINGS:
                 split_top1 = served_top1(tail_url, codes, enc)
                 report.agreement[enc] = {
                     "agreement_with_full": float((split_top1 == full_top1).float().mean()),
+                    "agreement_with_split_fp32": float((split_top1 == split_fp32_top1).float().mean()),
                     "accuracy": float((split_top1 == test.labels).float().mean()),
                 }
             served_full = served_top1(full_url, pixels, "fp16")
@@ -550,25 +608,39 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "agreement_with_full": float((served_full == full_top1).float().mean()),
                 "accuracy": float((served_full == test.labels).float().mean()),
             }
+            log(f"warming up (the JVM compiles the request path): {args.warmup} requests per endpoint ...")
+            for url, items in (
+                (tail_url, payloads["fp16"]),
+                (full_url, payloads["full"]),
+                (fastapi_url, payloads["fp16"]),
+            ):
+                load_test(url, items, 16, 0, warmup=args.warmup)
             log("latency and throughput ...")
-            for enc in ENCODINGS:
-                for c in concurrency:
-                    report.latency.append(measure("torchserve tail", tail_url, enc, payloads[enc], c, args.requests))
             for c in concurrency:
+                for enc in ENCODINGS:
+                    report.latency.append(
+                        measure_batched(
+                            "torchserve tail", server, tail_name, tail_url, enc, payloads[enc], c, args.requests
+                        )
+                    )
                 report.latency.append(
-                    measure("torchserve full image", full_url, "fp16", payloads["full"], c, args.requests)
+                    measure_batched(
+                        "torchserve full image", server, full_name, full_url, "fp16", payloads["full"], c, args.requests
+                    )
                 )
+                report.latency.append(
+                    measure("fastapi tail (bare)", fastapi_url, "fp16", payloads["fp16"], c, args.requests)
+                )
+            log(f"head to head, TorchServe against the bare endpoint ({args.rounds} alternating rounds) ...")
+            report.head_to_head = head_to_head(server, tail_name, tail_url, fastapi_url, payloads["fp16"], args)
         finally:
             if reuse:
-                for name in (f"bench-tail{tag}", f"bench-full{tag}"):
+                for name in (tail_name, full_name):
                     ts.unregister(server.management_url, name)
                     (server.model_store / f"{name}.mar").unlink(missing_ok=True)
-    with fastapi_endpoint(export / "pair") as url:
-        for c in concurrency:
-            report.latency.append(measure("fastapi tail (bare)", url, "fp16", payloads["fp16"], c, args.requests))
 
     if not args.no_tuning and not reuse:
-        report.tuning = tuning_experiments(tail_mar, payloads["fp16"], args.requests, args.work_dir)
+        report.tuning = tuning_experiments(tail_mar, payloads["fp16"], args)
     report.machine["load_average_after"] = os.getloadavg()
     report.goals = goals(report)
     print_report(report)
@@ -579,9 +651,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-@contextmanager
-def nullcontext(value):
-    yield value
+def head_to_head(
+    server: Server, name: str, url: str, fastapi_url: str, payloads: Sequence[bytes], args: argparse.Namespace
+) -> dict:
+    """Alternate TorchServe and the bare endpoint (fp16, concurrency 1 then 16) for
+    ``args.rounds`` rounds; medians over rounds, so a load change on the machine hits both."""
+    rows: dict[str, list[LoadResult]] = {"ts_c1": [], "fa_c1": [], "ts_c16": [], "fa_c16": []}
+    for _ in range(args.rounds):
+        rows["ts_c1"].append(measure_batched("torchserve tail", server, name, url, "fp16", payloads, 1, args.requests))
+        rows["fa_c1"].append(measure("fastapi", fastapi_url, "fp16", payloads, 1, args.requests))
+        rows["ts_c16"].append(
+            measure_batched("torchserve tail", server, name, url, "fp16", payloads, 16, 2 * args.requests)
+        )
+        rows["fa_c16"].append(measure("fastapi", fastapi_url, "fp16", payloads, 16, 2 * args.requests))
+    out = {}
+    for key, results in rows.items():
+        out[f"{key}_p50_ms"] = statistics.median(r.p50_ms for r in results)
+        out[f"{key}_rps"] = statistics.median(r.throughput_rps for r in results)
+    batches = [r.mean_batch for r in rows["ts_c16"] if r.mean_batch is not None]
+    out["ts_c16_mean_batch"] = statistics.median(batches) if batches else None
+    out["rounds"] = args.rounds
+    return out
 
 
 # -- tuning ---------------------------------------------------------------------------------
@@ -626,20 +716,26 @@ def quiet_logging(directory: Path) -> dict[str, str]:
     return {"vmargs": f"-Dlog4j.configurationFile=file://{path}"}
 
 
-def tuning_experiments(tail_mar: Path, payloads: Sequence[bytes], requests: int, work_dir: Path) -> list[dict]:
-    """fp16 at concurrency 1 and 16 under server and registration variants, one change at a time."""
+def tuning_experiments(tail_mar: Path, payloads: Sequence[bytes], args: argparse.Namespace) -> list[dict]:
+    """fp16 at concurrency 1 and 16 under server and registration variants, one change at a time.
+
+    Each server variant is a fresh TorchServe; each registration is warmed up first."""
     trainer_default = [("batch 8, delay 5 ms (trainer default)", 8, 5, 1)]
     servers = [
         ("stock TorchServe, torch default threads", STOCK, TORCH_DEFAULT_THREADS, trainer_default),
-        ("stock TorchServe, handler 1 thread", STOCK, {}, trainer_default),
+        ("stock TorchServe, handler on 1 thread", STOCK, {}, trainer_default),
         ("project config.properties", {}, {}, [
             *trainer_default,
             ("batch 1 (no batching)", 1, 0, 1),
             ("batch 16, delay 0 ms", 16, 0, 1),
+            ("batch 16, delay 1 ms", 16, 1, 1),
             ("batch 16, delay 2 ms", 16, 2, 1),
             ("batch 16, delay 0 ms, 2 workers", 16, 0, 2),
         ]),
-        ("project config + quiet log4j2", quiet_logging(work_dir), {}, [("batch 16, delay 0 ms", 16, 0, 1)]),
+        ("project config + quiet log4j2", quiet_logging(args.work_dir), {}, [
+            ("batch 16, delay 0 ms", 16, 0, 1),
+            ("batch 16, delay 1 ms", 16, 1, 1),
+        ]),
     ]  # fmt: skip
     rows = []
     for server_label, overrides, env, registrations in servers:
@@ -648,11 +744,13 @@ def tuning_experiments(tail_mar: Path, payloads: Sequence[bytes], requests: int,
             for index, (reg_label, batch, delay, workers) in enumerate(registrations):
                 name = f"tune-{index}"
                 url = serve(server, tail_mar, name, batch_size=batch, delay_ms=delay, workers=workers)
-                c1 = measure("tuning", url, "fp16", payloads, 1, requests)
-                c16 = measure("tuning", url, "fp16", payloads, 16, requests * 2)
+                load_test(url, payloads, 16, 0, warmup=args.warmup)
+                c1 = measure_batched("tuning", server, name, url, "fp16", payloads, 1, args.requests)
+                c16 = measure_batched("tuning", server, name, url, "fp16", payloads, 16, 2 * args.requests)
                 rows.append({"server": server_label, "registration": reg_label, "c1_p50_ms": c1.p50_ms,
                              "c1_p95_ms": c1.p95_ms, "c1_rps": c1.throughput_rps, "c16_p50_ms": c16.p50_ms,
-                             "c16_rps": c16.throughput_rps, "errors": c1.errors + c16.errors})  # fmt: skip
+                             "c16_rps": c16.throughput_rps, "c16_mean_batch": c16.mean_batch,
+                             "errors": c1.errors + c16.errors})  # fmt: skip
                 ts.unregister(server.management_url, name)
     return rows
 
@@ -661,19 +759,13 @@ def tuning_experiments(tail_mar: Path, payloads: Sequence[bytes], requests: int,
 
 
 def goals(report: Report) -> dict:
-    def cell(endpoint: str, encoding: str, c: int) -> LoadResult | None:
-        return next(
-            (r for r in report.latency if (r.endpoint, r.encoding, r.concurrency) == (endpoint, encoding, c)), None
-        )
-
-    ts1, fa1 = cell("torchserve tail", "fp16", 1), cell("fastapi tail (bare)", "fp16", 1)
-    ts16 = cell("torchserve tail", "fp16", 16)
+    """The issue's goals, from the head-to-head medians and the test-set agreement."""
+    h = report.head_to_head
     out: dict = {}
-    if ts1 and fa1:
-        out["p50_ratio_torchserve_to_fastapi_c1"] = ts1.p50_ms / fa1.p50_ms
+    if h:
+        out["p50_ratio_torchserve_to_fastapi_c1"] = h["ts_c1_p50_ms"] / h["fa_c1_p50_ms"]
         out["p50_goal_met"] = out["p50_ratio_torchserve_to_fastapi_c1"] <= 2.0
-    if ts1 and ts16:
-        out["throughput_ratio_c16_to_c1"] = ts16.throughput_rps / ts1.throughput_rps
+        out["throughput_ratio_c16_to_c1"] = h["ts_c16_rps"] / h["ts_c1_rps"]
         out["throughput_goal_met"] = out["throughput_ratio_c16_to_c1"] >= 2.0
     for enc, target in (("fp16", 0.99), ("int8", 0.97)):
         if enc in report.agreement:
@@ -697,38 +789,52 @@ def print_report(r: Report) -> None:
         label = f"code {key}" if key != "full" else "full image fp16"
         print(f"  {label:<16} {r.payload[f'{key}_bytes']:>6} B  = {r.payload[f'{key}_ratio_to_raw']:.3f} x raw")
 
-    print("\nagreement with the full model on the 10,000 test images (served predictions):")
+    print("\nagreement on the 10,000 test images (predictions served by TorchServe):")
     for key, a in r.agreement.items():
-        print(f"  {key:<11} agreement {100 * a['agreement_with_full']:6.2f} %   accuracy {100 * a['accuracy']:6.2f} %")
+        vs_fp32 = a.get("agreement_with_split_fp32")
+        extra = f"   with the split model in fp32 {100 * vs_fp32:6.2f} %" if vs_fp32 is not None else ""
+        print(f"  {key:<11} with the full model {100 * a['agreement_with_full']:6.2f} %{extra}"
+              f"   accuracy {100 * a['accuracy']:6.2f} %")  # fmt: skip
 
-    print(f"\nlatency (single-image requests, top-{TOP_K}):")
-    print(f"  {'endpoint':<24}{'enc':<6}{'conc':>5}{'p50 ms':>9}{'p95 ms':>9}{'req/s':>9}{'B/req':>8}{'err':>5}")
+    print(f"\nlatency (single-image requests, top-{TOP_K}; batch = mean codes per forward pass):")
+    print(
+        f"  {'endpoint':<24}{'enc':<6}{'conc':>5}{'p50 ms':>9}{'p95 ms':>9}{'req/s':>9}{'B/req':>8}{'batch':>7}{'err':>5}"
+    )
     for x in r.latency:
+        batch = f"{x.mean_batch:.1f}" if x.mean_batch is not None else "-"
         print(f"  {x.endpoint:<24}{x.encoding:<6}{x.concurrency:>5}{x.p50_ms:>9.2f}{x.p95_ms:>9.2f}"
-              f"{x.throughput_rps:>9.0f}{x.bytes_per_request:>8.0f}{x.errors:>5}")  # fmt: skip
+              f"{x.throughput_rps:>9.0f}{x.bytes_per_request:>8.0f}{batch:>7}{x.errors:>5}")  # fmt: skip
     print(
         f"  {'in-process handler':<24}{'fp16':<6}{'-':>5}{r.in_process['p50_ms']:>9.2f}{r.in_process['p95_ms']:>9.2f}"
     )
 
+    h = r.head_to_head
+    if h:
+        print(f"\nhead to head (fp16, medians of {h['rounds']} alternating rounds):")
+        print(f"  TorchServe   c=1 p50 {h['ts_c1_p50_ms']:.2f} ms, {h['ts_c1_rps']:.0f} req/s; "
+              f"c=16 {h['ts_c16_rps']:.0f} req/s (mean batch {h['ts_c16_mean_batch'] or float('nan'):.1f})")  # fmt: skip
+        print(f"  bare FastAPI c=1 p50 {h['fa_c1_p50_ms']:.2f} ms, {h['fa_c1_rps']:.0f} req/s; "
+              f"c=16 {h['fa_c16_rps']:.0f} req/s")  # fmt: skip
+
     if r.tuning:
         print("\ntuning (fp16 tail; each server variant a fresh TorchServe):")
-        print(f"  {'server':<52}{'registration':<38}{'c1 p50':>8}{'c1 p95':>8}{'c1 r/s':>8}{'c16 r/s':>9}")
+        print(f"  {'server':<42}{'registration':<40}{'c1 p50':>8}{'c1 p95':>8}{'c1 r/s':>8}{'c16 r/s':>9}{'batch':>7}")
         for t in r.tuning:
-            print(f"  {t['server']:<52}{t['registration']:<38}{t['c1_p50_ms']:>8.2f}{t['c1_p95_ms']:>8.2f}"
-                  f"{t['c1_rps']:>8.0f}{t['c16_rps']:>9.0f}")  # fmt: skip
+            batch = f"{t['c16_mean_batch']:.1f}" if t["c16_mean_batch"] is not None else "-"
+            print(f"  {t['server']:<42}{t['registration']:<40}{t['c1_p50_ms']:>8.2f}{t['c1_p95_ms']:>8.2f}"
+                  f"{t['c1_rps']:>8.0f}{t['c16_rps']:>9.0f}{batch:>7}")  # fmt: skip
 
     g = r.goals
     print("\ngoals:")
     if "p50_goal_met" in g:
         print(f"  TorchServe p50 at c=1 / bare FastAPI p50: {g['p50_ratio_torchserve_to_fastapi_c1']:.2f} "
               f"(goal <= 2): {'met' if g['p50_goal_met'] else 'NOT met'}")  # fmt: skip
-    if "throughput_goal_met" in g:
         print(f"  TorchServe throughput c=16 / c=1: {g['throughput_ratio_c16_to_c1']:.2f} "
               f"(goal >= 2): {'met' if g['throughput_goal_met'] else 'NOT met'}")  # fmt: skip
     for enc, target in (("fp16", 99), ("int8", 97)):
         if f"agreement_{enc}_goal_met" in g:
             ok = g[f"agreement_{enc}_goal_met"]
-            print(f"  {enc} agreement >= {target} %: {'met' if ok else 'NOT met'}")
+            print(f"  {enc} agreement with the full model >= {target} %: {'met' if ok else 'NOT met'}")
 
 
 def fmt_load(load: Sequence[float]) -> str:

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from isplit.messages import TOPIC_CANDIDATES, TOPIC_RESULTS, SplitCandidate, TrainingResult
+from isplit.bus import Topics
+from isplit.messages import SplitCandidate, TrainingResult
 from tests.fixtures.services import ServiceProcess, free_port
 from tests.kafka_util import collect, send
 
@@ -17,7 +18,8 @@ pytestmark = pytest.mark.kafka
 
 
 class Analyzer:
-    def __init__(self, root: Path, bootstrap: str, log: Path, **extra: str) -> None:
+    def __init__(self, root: Path, bootstrap: str, log: Path, topics: Topics | None = None, **extra: str) -> None:
+        self.topics = topics or Topics(f"test-{uuid.uuid4().hex[:8]}.")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {
@@ -25,6 +27,7 @@ class Analyzer:
             "ISPLIT_ARTIFACT_ROOT": str(root),
             "ISPLIT_ANALYZER_PORT": str(self.port),
             "ISPLIT_ANALYZER_DEVICE": "cpu",
+            "ISPLIT_TOPIC_PREFIX": self.topics.prefix,
             "ISPLIT_RESULTS_GROUP": "test-analyzer-" + uuid.uuid4().hex[:8],
             **extra,
         }
@@ -82,7 +85,9 @@ def test_analysis_succeeds_and_publishes_its_top_candidates(analyzer, model_id, 
     assert result["best"] in [p["module"] for p in result["points"]]
     assert [c["predicted_rank"] for c in view["candidates"]] == [1, 2]
     assert all(c["published"] for c in view["candidates"])
-    published = collect(kafka_bootstrap, TOPIC_CANDIDATES, SplitCandidate, lambda c: c.analysis_id == job, count=2)
+    published = collect(
+        kafka_bootstrap, analyzer.topics.candidates, SplitCandidate, lambda c: c.analysis_id == job, count=2
+    )
     assert sorted(c.cut for c in published) == sorted(c["cut"] for c in view["candidates"])
     assert published[0].model.weights_uri == f"models/{model_id}.pt"
     plot = analyzer.get(f"/v1/analyses/{job}/plot.png")
@@ -191,7 +196,7 @@ def test_results_are_attached_and_correlated(analyzer, model_id, kafka_bootstrap
     for i, cand in enumerate(view["candidates"]):
         send(
             kafka_bootstrap,
-            TOPIC_RESULTS,
+            analyzer.topics.results,
             job,
             TrainingResult(
                 analysis_id=job,
@@ -222,14 +227,14 @@ def test_restart_mid_job_completes_and_publishes_each_candidate_once(tmp_path, k
     job = first.submit(model, options={"max_images": 1437, "batch_size": 4, "top_k": 3})
     first.wait(job, statuses=("running",))
     first.proc.kill()  # a crash: the service and its analysis process die at once
-    second = Analyzer(root, kafka_bootstrap, tmp_path / "second.log").start()
+    second = Analyzer(root, kafka_bootstrap, tmp_path / "second.log", topics=first.topics).start()
     try:
         view = second.wait(job, timeout_s=300)
     finally:
         second.proc.terminate()
     assert view["status"] == "succeeded", view["error"]
     published = collect(
-        kafka_bootstrap, TOPIC_CANDIDATES, SplitCandidate, lambda c: c.analysis_id == job, count=3, linger_s=3
+        kafka_bootstrap, first.topics.candidates, SplitCandidate, lambda c: c.analysis_id == job, count=3, linger_s=3
     )
     ids = [c.candidate_id for c in published]
     assert len(ids) == 3 and len(set(ids)) == 3

@@ -15,7 +15,7 @@ def test_analysis_publishes_a_candidate_that_is_trained_and_measured(e2e_flow):
     assert cand["published"] and cand["predicted_rank"] == 1
     assert cand["cut"] == e2e_flow.analysis["result"]["ranking"][0]
     measured = cand["measured"]
-    assert measured["accuracy_original"] > 0.8
+    assert measured["accuracy_original"] > 0.7
     assert 0 < measured["bytes_per_image"]["fp16"] < cand["output_bytes"]
 
 

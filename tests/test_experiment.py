@@ -12,10 +12,12 @@ import torch
 
 from isplit.cuts import CutPoint
 from isplit.experiment import (
+    CutMeasurement,
     SweepResult,
     choose_cuts,
     permutation_p,
     render_report,
+    size_control,
     spanning_order,
     subset_search,
     verdict,
@@ -98,6 +100,11 @@ def test_correlations_are_isplit_stats_of_the_measured_cuts(sweep):
         assert corr.n == len(result.cuts)
         assert corr.spearman == spearman(predictor, acc)
         assert corr.kendall == kendall(predictor, acc)
+
+
+def test_size_control_is_recorded(sweep):
+    _, result, _ = sweep
+    assert result.size_control == size_control(result.cuts)
 
 
 def test_picks_are_the_cui_maximum_the_smallest_output_and_the_best_measured(sweep):
@@ -205,6 +212,26 @@ def test_permutation_p_by_monte_carlo_is_small_for_a_perfect_ranking():
     x = [float(i) for i in range(12)]
     p = permutation_p(kendall, x, x, permutations=500, seed=0)
     assert p == pytest.approx(1 / 501)
+
+
+def _cut(module: str, output_bytes: int, log10_cui: float, accuracy: float) -> CutMeasurement:
+    return CutMeasurement(
+        module=module, kind="Conv2d", position=0, output_shape=[output_bytes // 4], output_bytes=output_bytes,
+        code_shape=[1], log10_cui=log10_cui, accuracy=accuracy, per_class_accuracy=[], training_seconds=1.0,
+    )  # fmt: skip
+
+
+def test_size_control_judges_cui_only_where_sizes_are_equal():
+    cuts = [
+        _cut("a", 400, -3.0, 0.60),
+        _cut("b", 400, -2.0, 0.70),  # with a: CUI orders like accuracy
+        _cut("c", 100, -1.0, 0.50),
+        _cut("d", 100, -1.5, 0.90),  # with c: CUI orders against accuracy
+        _cut("e", 100, -1.0, 0.80),  # with c: CUI tie; with d: against
+    ]
+    control = size_control(cuts)
+    assert (control.equal_size_pairs, control.concordant, control.discordant, control.tied) == (4, 1, 2, 1)
+    assert control.agreement == spearman([c.log10_cui for c in cuts], [-float(c.output_bytes) for c in cuts])
 
 
 def _stats_with_class_peaks(peaks: list[int], num_points: int = 5) -> ImportanceStats:

@@ -13,10 +13,8 @@ import torch
 
 from isplit import torchserve as ts
 from isplit import wire
+from isplit.bus import Topics
 from isplit.messages import (
-    TOPIC_CANDIDATES,
-    TOPIC_DEAD_LETTER,
-    TOPIC_RESULTS,
     BottleneckSpec,
     DatasetSpec,
     DeadLetter,
@@ -26,7 +24,7 @@ from isplit.messages import (
     candidate_id_for,
 )
 from tests.fixtures.services import ServiceProcess, free_port
-from tests.kafka_util import collect, send, send_raw, start_group_at_end
+from tests.kafka_util import collect, send, send_raw
 
 pytestmark = [pytest.mark.kafka, pytest.mark.torchserve]
 
@@ -53,16 +51,21 @@ def make_candidate(cut: str = "features.15", epochs: int = 1, train_images: int 
 
 
 @pytest.fixture
-def trainer_env(kafka_bootstrap: str, torchserve, artifact_root: Path) -> dict[str, str]:
-    group = "test-trainer-" + uuid.uuid4().hex[:8]
-    start_group_at_end(kafka_bootstrap, group, TOPIC_CANDIDATES)
+def topics() -> Topics:
+    """Topics of this test alone: no other test's trainer or analyzer sees its messages."""
+    return Topics(f"test-{uuid.uuid4().hex[:8]}.")
+
+
+@pytest.fixture
+def trainer_env(kafka_bootstrap: str, torchserve, artifact_root: Path, topics: Topics) -> dict[str, str]:
     return {
+        "ISPLIT_TOPIC_PREFIX": topics.prefix,
         "ISPLIT_KAFKA_BOOTSTRAP": kafka_bootstrap,
         "ISPLIT_ARTIFACT_ROOT": str(artifact_root),
         "ISPLIT_TORCHSERVE_MANAGEMENT_URL": torchserve.management_url,
         "ISPLIT_TORCHSERVE_INFERENCE_URL": torchserve.inference_url,
         "ISPLIT_TORCHSERVE_MODEL_STORE": str(torchserve.model_store),
-        "ISPLIT_TRAINER_GROUP": group,
+        "ISPLIT_TRAINER_GROUP": "test-trainer",
         "ISPLIT_TRAINER_DEVICE": "cpu",
     }
 
@@ -74,8 +77,8 @@ def start_trainer(env: dict[str, str], tmp_path: Path, name: str = "trainer") ->
     return proc, port
 
 
-def results_for(bootstrap: str, cid: str, **kw) -> list[TrainingResult]:
-    return collect(bootstrap, TOPIC_RESULTS, TrainingResult, lambda r: r.candidate_id == cid, **kw)
+def results_for(bootstrap: str, topics: Topics, cid: str, **kw) -> list[TrainingResult]:
+    return collect(bootstrap, topics.results, TrainingResult, lambda r: r.candidate_id == cid, **kw)
 
 
 def metric(port: int, name: str) -> float:
@@ -84,13 +87,13 @@ def metric(port: int, name: str) -> float:
 
 
 def test_candidate_becomes_a_registered_tail_that_answers(
-    kafka_bootstrap, trainer_env, torchserve, artifact_root, tmp_path
+    topics, kafka_bootstrap, trainer_env, torchserve, artifact_root, tmp_path
 ):
     trainer, _port = start_trainer(trainer_env, tmp_path)
     try:
         cand = make_candidate()
-        send(kafka_bootstrap, TOPIC_CANDIDATES, cand.analysis_id, cand)
-        [result] = results_for(kafka_bootstrap, cand.candidate_id, timeout_s=240)
+        send(kafka_bootstrap, topics.candidates, cand.analysis_id, cand)
+        [result] = results_for(kafka_bootstrap, topics, cand.candidate_id, timeout_s=240)
     finally:
         assert trainer.terminate() == 0, trainer.log()
     assert result.status == "succeeded", result.error
@@ -111,24 +114,24 @@ def test_candidate_becomes_a_registered_tail_that_answers(
     assert served == local
 
 
-def test_redelivered_candidate_is_republished_not_retrained(kafka_bootstrap, trainer_env, tmp_path):
+def test_redelivered_candidate_is_republished_not_retrained(topics, kafka_bootstrap, trainer_env, tmp_path):
     trainer, port = start_trainer(trainer_env, tmp_path)
     try:
         cand = make_candidate()
-        send(kafka_bootstrap, TOPIC_CANDIDATES, cand.analysis_id, cand)
-        results_for(kafka_bootstrap, cand.candidate_id, timeout_s=240)
-        send(kafka_bootstrap, TOPIC_CANDIDATES, cand.analysis_id, cand)
-        results = results_for(kafka_bootstrap, cand.candidate_id, count=2, timeout_s=60)
+        send(kafka_bootstrap, topics.candidates, cand.analysis_id, cand)
+        results_for(kafka_bootstrap, topics, cand.candidate_id, timeout_s=240)
+        send(kafka_bootstrap, topics.candidates, cand.analysis_id, cand)
+        results = results_for(kafka_bootstrap, topics, cand.candidate_id, count=2, timeout_s=60)
         assert metric(port, 'isplit_trainer_candidates_total{outcome="republished"}') == 1
     finally:
         trainer.terminate()
     assert len(results) == 2 and results[0].accuracy_split == results[1].accuracy_split
 
 
-def test_killed_trainer_redelivers_and_exactly_one_result_appears(kafka_bootstrap, trainer_env, tmp_path):
+def test_killed_trainer_redelivers_and_exactly_one_result_appears(topics, kafka_bootstrap, trainer_env, tmp_path):
     cand = make_candidate(epochs=40, train_images=200)
     first, port = start_trainer(trainer_env, tmp_path, "first")
-    send(kafka_bootstrap, TOPIC_CANDIDATES, cand.analysis_id, cand)
+    send(kafka_bootstrap, topics.candidates, cand.analysis_id, cand)
     deadline = time.monotonic() + 120
     while metric(port, "isplit_trainer_epoch") < 2:  # training is under way
         assert time.monotonic() < deadline, first.log()
@@ -136,16 +139,16 @@ def test_killed_trainer_redelivers_and_exactly_one_result_appears(kafka_bootstra
     first.kill()
     second, _ = start_trainer(trainer_env, tmp_path, "second")
     try:
-        results = results_for(kafka_bootstrap, cand.candidate_id, timeout_s=300, linger_s=5)
+        results = results_for(kafka_bootstrap, topics, cand.candidate_id, timeout_s=300, linger_s=5)
     finally:
         second.terminate()
     assert [r.status for r in results] == ["succeeded"]
 
 
-def test_sigterm_abandons_the_candidate_and_exits_zero(kafka_bootstrap, trainer_env, tmp_path):
+def test_sigterm_abandons_the_candidate_and_exits_zero(topics, kafka_bootstrap, trainer_env, tmp_path):
     cand = make_candidate(epochs=200, train_images=200)
     trainer, port = start_trainer(trainer_env, tmp_path)
-    send(kafka_bootstrap, TOPIC_CANDIDATES, cand.analysis_id, cand)
+    send(kafka_bootstrap, topics.candidates, cand.analysis_id, cand)
     deadline = time.monotonic() + 120
     while metric(port, "isplit_trainer_epoch") < 1:
         assert time.monotonic() < deadline, trainer.log()
@@ -154,10 +157,10 @@ def test_sigterm_abandons_the_candidate_and_exits_zero(kafka_bootstrap, trainer_
     assert trainer.terminate(timeout_s=60) == 0
     assert time.monotonic() - started < 30
     assert "trainer stopped" in trainer.log()
-    assert not results_for(kafka_bootstrap, cand.candidate_id, timeout_s=3)
+    assert not results_for(kafka_bootstrap, topics, cand.candidate_id, timeout_s=3)
 
 
-def test_bad_messages_are_dead_lettered_and_the_loop_goes_on(kafka_bootstrap, trainer_env, tmp_path):
+def test_bad_messages_are_dead_lettered_and_the_loop_goes_on(topics, kafka_bootstrap, trainer_env, tmp_path):
     trainer, port = start_trainer(trainer_env, tmp_path)
     marker = uuid.uuid4().hex
     bad_cut = make_candidate(cut="features.99")
@@ -165,13 +168,18 @@ def test_bad_messages_are_dead_lettered_and_the_loop_goes_on(kafka_bootstrap, tr
         update={"model": make_candidate().model.model_copy(update={"weights_uri": "models/nope.pt"})}
     )
     try:
-        send_raw(kafka_bootstrap, b"not json " + marker.encode(), key=marker)
-        send_raw(kafka_bootstrap, json.dumps({"schema_version": 99, "marker": marker}).encode(), key=marker)
-        send(kafka_bootstrap, TOPIC_CANDIDATES, bad_cut.analysis_id, bad_cut)
-        send(kafka_bootstrap, TOPIC_CANDIDATES, missing.analysis_id, missing)
+        send_raw(kafka_bootstrap, b"not json " + marker.encode(), key=marker, topic=topics.candidates)
+        send_raw(
+            kafka_bootstrap,
+            json.dumps({"schema_version": 99, "marker": marker}).encode(),
+            key=marker,
+            topic=topics.candidates,
+        )
+        send(kafka_bootstrap, topics.candidates, bad_cut.analysis_id, bad_cut)
+        send(kafka_bootstrap, topics.candidates, missing.analysis_id, missing)
         keys = {marker, bad_cut.analysis_id, missing.analysis_id}
         letters = collect(
-            kafka_bootstrap, TOPIC_DEAD_LETTER, DeadLetter, lambda d: d.key in keys, count=4, timeout_s=120
+            kafka_bootstrap, topics.dead_letter, DeadLetter, lambda d: d.key in keys, count=4, timeout_s=120
         )
         assert trainer.proc.poll() is None
     finally:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import kafka
@@ -30,7 +31,7 @@ from kafka.producer.future import RecordMetadata
 from kafka.serializer import Deserializer
 from pydantic import BaseModel
 
-from isplit.messages import TOPIC_DEAD_LETTER, TOPIC_PARTITIONS, DeadLetter, encode
+from isplit.messages import TOPIC_CANDIDATES, TOPIC_DEAD_LETTER, TOPIC_PARTITIONS, TOPIC_RESULTS, DeadLetter, encode
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +149,33 @@ def make_consumer(bootstrap: str, group_id: str, topics: Iterable[str], **overri
     return KafkaConsumer(*topics, **{**_supported(KafkaConsumer, config), **overrides})
 
 
+@dataclass(frozen=True)
+class Topics:
+    """The contract topics under an optional prefix.
+
+    A prefix (``ISPLIT_TOPIC_PREFIX``) lets several isplit installations, or test runs, share
+    one Kafka cluster without reading each other's messages; the default is none.
+    """
+
+    prefix: str = ""
+
+    @property
+    def candidates(self) -> str:
+        return self.prefix + TOPIC_CANDIDATES
+
+    @property
+    def results(self) -> str:
+        return self.prefix + TOPIC_RESULTS
+
+    @property
+    def dead_letter(self) -> str:
+        return self.prefix + TOPIC_DEAD_LETTER
+
+    def partitions(self) -> dict[str, int]:
+        """Topic name -> partition count, for :func:`ensure_topics`."""
+        return {self.prefix + name: n for name, n in TOPIC_PARTITIONS.items()}
+
+
 def dead_letter(
     producer: KafkaProducer,
     source_topic: str,
@@ -155,6 +183,8 @@ def dead_letter(
     reason: str,
     service: str,
     timeout_s: float = 30.0,
+    *,
+    topic: str = TOPIC_DEAD_LETTER,
 ) -> RecordMetadata:
     """Publish a ``DeadLetter`` holding ``record``'s original value bytes and ``reason`` to
     ``isplit.dead-letter.v1``, keyed like the original record. Waits for the acknowledgement."""
@@ -169,7 +199,7 @@ def dead_letter(
         service=service,
     )
     log.warning("dead-lettering %s[%s]@%s (key %r): %s", source_topic, record.partition, record.offset, key, reason)
-    return publish(producer, TOPIC_DEAD_LETTER, key, letter, timeout_s=timeout_s)
+    return publish(producer, topic, key, letter, timeout_s=timeout_s)
 
 
 def kafka_reachable(bootstrap: str, timeout_s: float = 3.0) -> bool:

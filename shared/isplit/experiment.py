@@ -193,6 +193,20 @@ class Picks(BaseModel):
     oracle: Pick
 
 
+class SizeControl(BaseModel):
+    """Does CUI tell more than size? ``agreement`` is Spearman of log10 CUI with −output bytes
+    over the measured cuts (where the two predictors agree, a sweep cannot tell them apart);
+    the pair counts compare CUI's order with measured accuracy over pairs of measured cuts
+    with *equal* output bytes, where size has nothing to say (ties on either side counted apart).
+    """
+
+    agreement: float | None
+    equal_size_pairs: int
+    concordant: int
+    discordant: int
+    tied: int
+
+
 class SweepResult(BaseModel):
     """Everything a sweep measured (``result.json``)."""
 
@@ -214,6 +228,7 @@ class SweepResult(BaseModel):
     curve: ImportanceCurve
     cuts: list[CutMeasurement]
     correlations: dict[str, Correlation]  # "cui", "size"
+    size_control: SizeControl | None = None  # None in results written before it existed: derived on report
     picks: Picks
     subsets: list[SubsetResult]
     skipped_for_budget: list[str]
@@ -390,6 +405,29 @@ def _pick(method: Literal["cui", "size", "oracle"], module: str, tied: Sequence[
         output_bytes=measured.output_bytes if measured else 0,
         tied=list(tied),
         tie_mean_accuracy=sum(tie_acc) / len(tie_acc) if tied and tie_acc else None,
+    )
+
+
+def size_control(cuts: Sequence[CutMeasurement]) -> SizeControl:
+    """CUI against accuracy where size cannot discriminate (see :class:`SizeControl`)."""
+    concordant = discordant = tied = pairs = 0
+    for a, b in itertools.combinations(cuts, 2):
+        if a.output_bytes != b.output_bytes:
+            continue
+        pairs += 1
+        order = (a.log10_cui > b.log10_cui) - (a.log10_cui < b.log10_cui)
+        measured = (a.accuracy > b.accuracy) - (a.accuracy < b.accuracy)
+        if order == 0 or measured == 0:
+            tied += 1
+        elif order == measured:
+            concordant += 1
+        else:
+            discordant += 1
+    agreement = (
+        spearman([c.log10_cui for c in cuts], [-float(c.output_bytes) for c in cuts]) if len(cuts) >= 3 else None
+    )
+    return SizeControl(
+        agreement=agreement, equal_size_pairs=pairs, concordant=concordant, discordant=discordant, tied=tied
     )
 
 
@@ -697,13 +735,14 @@ def run_sweep(
         parameters=cfg,
         model=info,
         reference_accuracy=reference_accuracy,
-        train_images=len(train),
+        train_images=int(info.extra.get("train_images", len(train))) if cfg.weights else len(train),
         bottleneck_images=len(fit),
         test_images=len(test),
         test_class_counts=test_counts,
         curve=curve,
         cuts=cuts,
         correlations=correlations,
+        size_control=size_control(cuts),
         picks=picks,
         subsets=subsets,
         skipped_for_budget=skipped,
@@ -961,6 +1000,21 @@ def verdict(result: SweepResult) -> list[str]:
                 f"Measured accuracies span {100 * spread:.1f} points across cuts "
                 f"(test-set standard error ≈ {100 * se_mean:.1f} points on {n_test} images)."
             )
+    control = result.size_control or size_control(result.cuts)
+    if control.agreement is not None:
+        within = (
+            f"among the {control.equal_size_pairs} pairs of measured cuts with equal output size, where size cannot "
+            f"choose, CUI ordered {control.concordant} like their accuracy, {control.discordant} against it and "
+            f"{control.tied} with an exact tie"
+            if control.equal_size_pairs
+            else "no two measured cuts have the same output size, so CUI was not tested where size cannot choose"
+        )
+        lines.append(
+            f"CUI and size agree with each other at ρ = {control.agreement:+.2f} over these cuts, so much of CUI's "
+            f"correlation may be size's; {within}."
+            if control.agreement > 0.5
+            else f"CUI and size agree with each other at ρ = {control.agreement:+.2f} over these cuts; {within}."
+        )
     if result.subsets:
         margin = result.parameters.min_margin
         decisive = [s for s in result.subsets if s.decisive]
@@ -1129,8 +1183,9 @@ def render_report(result: SweepResult, plot_name: str | None = None) -> str:
         + ", ".join(f"{k} {v:.0f} s" for k, v in result.phase_seconds.items())
         + ").",
         f"* Model: {m.arch}{width}, {m.input_size} px, {m.in_channels} channel(s), trained {m.epochs} epoch(s) on "
-        f"{result.train_images} images (lr {p.lr_model}); accuracy without a split {_pct(result.reference_accuracy)} "
-        f"on {result.test_images} test images.",
+        f"{m.extra.get('train_images', result.train_images)} images "
+        f"({f'checkpoint {p.weights}' if p.weights else f'lr {p.lr_model}, batch {p.batch_size_model}'}); "
+        f"accuracy without a split {_pct(result.reference_accuracy)} on {result.test_images} test images.",
         f"* Bottleneck at each cut: ratio {p.ratio}, {p.epochs_bottleneck} epoch(s) on {result.bottleneck_images} "
         f"training images (lr {p.lr_bottleneck}, batch {p.batch_size_bottleneck}), original layers frozen; the "
         "same budget at every cut. Subset bottlenecks get as many training images of the subset's classes "

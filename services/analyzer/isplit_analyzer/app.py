@@ -61,7 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         db_url = settings.db_url()
         sessions = session_factory(make_engine(db_url))
         runner = JobRunner(settings, sessions, db_url)
-        results = ResultsConsumer(settings.kafka_bootstrap, settings.results_group, sessions)
+        results = ResultsConsumer(settings.kafka_bootstrap, settings.results_group, sessions, settings.topics())
         app.state.isplit = State(settings, sessions, runner, results)
         runner.start()
         results.start()

@@ -8,6 +8,8 @@ from pathlib import Path
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from isplit.bus import Topics
+
 
 class Settings(BaseSettings):
     """Read from ``ISPLIT_*`` variables (``DATABASE_URL`` as is)."""
@@ -29,6 +31,10 @@ class Settings(BaseSettings):
     max_upload_bytes: int = 200 * 1024 * 1024
     publish_retry_seconds: float = 5.0
     results_group: str = "isplit-analyzer"
+    topic_prefix: str = Field(default="", description="namespace for the Kafka topics (shared clusters, tests)")
+
+    def topics(self) -> Topics:
+        return Topics(self.topic_prefix)
 
     def db_url(self) -> str:
         if self.database_url:

@@ -22,9 +22,8 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from isplit import IsplitError
-from isplit.bus import make_producer, publish
+from isplit.bus import ensure_topics, make_producer, publish
 from isplit.messages import (
-    TOPIC_CANDIDATES,
     BottleneckSpec,
     DatasetSpec,
     ModelSpec,
@@ -311,6 +310,7 @@ class JobRunner:
     def _ensure_producer(self) -> bool:
         if self._producer is None:
             try:
+                ensure_topics(self.settings.kafka_bootstrap, self.settings.topics().partitions(), timeout_s=10)
                 self._producer = make_producer(self.settings.kafka_bootstrap, client_id="isplit-analyzer")
             except Exception as exc:  # broker down: retry later, jobs stay retryable
                 log.warning("Kafka producer unavailable: %s", exc)
@@ -339,7 +339,12 @@ class JobRunner:
             ).all()
         for row in rows:
             try:
-                publish(self._producer, TOPIC_CANDIDATES, job_id, SplitCandidate.model_validate_json(row.message))
+                publish(
+                    self._producer,
+                    self.settings.topics().candidates,
+                    job_id,
+                    SplitCandidate.model_validate_json(row.message),
+                )
             except Exception as exc:
                 metrics.PUBLISH_ERRORS.inc()
                 self._set_error(job_id, f"publishing candidate {row.candidate_id} failed (will retry): {exc}")

@@ -10,8 +10,8 @@ from typing import Any
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
-from isplit.bus import dead_letter, make_consumer, make_producer
-from isplit.messages import TOPIC_RESULTS, MessageError, TrainingResult, decode
+from isplit.bus import Topics, dead_letter, make_consumer, make_producer
+from isplit.messages import MessageError, TrainingResult, decode
 from isplit_analyzer import metrics
 from isplit_analyzer.store import CandidateRow
 
@@ -32,8 +32,9 @@ def attach_result(sessions: sessionmaker[Session], result: TrainingResult) -> bo
 class ResultsConsumer:
     """A background thread: poll, attach, commit; unreadable records go to the dead-letter topic."""
 
-    def __init__(self, bootstrap: str, group: str, sessions: sessionmaker[Session]) -> None:
+    def __init__(self, bootstrap: str, group: str, sessions: sessionmaker[Session], topics: Topics) -> None:
         self.bootstrap = bootstrap
+        self.topics = topics
         self.group = group
         self.sessions = sessions
         self._stop = threading.Event()
@@ -55,7 +56,7 @@ class ResultsConsumer:
         while not self._stop.is_set():
             try:
                 if consumer is None:
-                    consumer = make_consumer(self.bootstrap, self.group, [TOPIC_RESULTS])
+                    consumer = make_consumer(self.bootstrap, self.group, [self.topics.results])
                     producer = make_producer(self.bootstrap, client_id="isplit-analyzer-dlq")
                     self.connected = True
                 batch = consumer.poll(timeout_ms=500)
@@ -82,7 +83,9 @@ class ResultsConsumer:
         try:
             result = decode(TrainingResult, record.value)
         except MessageError as exc:
-            dead_letter(producer, TOPIC_RESULTS, record, str(exc), "isplit-analyzer")
+            dead_letter(
+                producer, self.topics.results, record, str(exc), "isplit-analyzer", topic=self.topics.dead_letter
+            )
             return
         if attach_result(self.sessions, result):
             metrics.RESULTS_CONSUMED.inc()

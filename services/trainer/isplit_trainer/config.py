@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from isplit.bus import Topics
+
 
 class Settings(BaseSettings):
     """Read from ``ISPLIT_*`` variables."""
@@ -24,6 +26,7 @@ class Settings(BaseSettings):
     trainer_executor: Literal["inline", "kubernetes"] = "inline"
     trainer_device: str = "auto"
     trainer_group: str = "isplit-trainer"
+    topic_prefix: str = Field(default="", description="namespace for the Kafka topics (shared clusters, tests)")
     trainer_id: str = Field(default_factory=socket.gethostname)
     trainer_max_train_images: int | None = Field(default=None, description="cap when the candidate sets none")
     tail_batch_size: int = 8
@@ -32,6 +35,9 @@ class Settings(BaseSettings):
     trainer_job_template: str = Field(
         default="", description="kubernetes executor: the Job template JSON (see k8s_executor.JobTemplate)"
     )
+
+    def topics(self) -> Topics:
+        return Topics(self.topic_prefix)
 
     def model_store(self) -> Path:
         return self.torchserve_model_store or self.artifact_root / "model-store"

@@ -17,7 +17,7 @@ from typing import Any
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from isplit.bus import dead_letter, ensure_topics, make_consumer, make_producer, publish
-from isplit.messages import TOPIC_CANDIDATES, TOPIC_RESULTS, MessageError, SplitCandidate, TrainingResult, decode
+from isplit.messages import MessageError, SplitCandidate, TrainingResult, decode
 from isplit.retrain import Abandoned
 from isplit_trainer import metrics
 from isplit_trainer.config import Settings
@@ -35,6 +35,7 @@ class TrainerLoop:
         self.executor = executor or make_executor(settings)
         self.stop_event = threading.Event()
         self._producer: Any = None
+        self.topics = settings.topics()
 
     def request_stop(self, *_: object) -> None:
         log.info("stop requested: finishing the poll loop, abandoning the current candidate")
@@ -48,7 +49,7 @@ class TrainerLoop:
             return self._dead_letter(record, str(exc))
         previous = existing_result(self.settings, candidate.candidate_id)
         if previous is not None:
-            publish(self._producer, TOPIC_RESULTS, candidate.analysis_id, previous)
+            publish(self._producer, self.topics.results, candidate.analysis_id, previous)
             metrics.CANDIDATES.labels("republished").inc()
             log.info("candidate %s already done: result re-published", candidate.candidate_id)
             return COMMIT
@@ -65,13 +66,13 @@ class TrainerLoop:
             self._publish_failure(candidate, f"{type(exc).__name__}: {exc}")
             metrics.CANDIDATES.labels("failed").inc()
             return COMMIT
-        publish(self._producer, TOPIC_RESULTS, candidate.analysis_id, result)
+        publish(self._producer, self.topics.results, candidate.analysis_id, result)
         metrics.CANDIDATES.labels(result.status).inc()
         log.info("candidate %s %s: split accuracy %s", candidate.candidate_id, result.status, result.accuracy_split)
         return COMMIT
 
     def _dead_letter(self, record: Any, reason: str) -> str:
-        dead_letter(self._producer, TOPIC_CANDIDATES, record, reason, SERVICE)
+        dead_letter(self._producer, self.topics.candidates, record, reason, SERVICE, topic=self.topics.dead_letter)
         metrics.CANDIDATES.labels("dead_lettered").inc()
         log.warning("dead-lettered offset %s: %s", record.offset, reason)
         return COMMIT
@@ -88,7 +89,7 @@ class TrainerLoop:
         out = candidate_dir(self.settings, candidate.candidate_id)
         out.mkdir(parents=True, exist_ok=True)
         (out / "result.json").write_text(result.model_dump_json(indent=1))
-        publish(self._producer, TOPIC_RESULTS, candidate.analysis_id, result)
+        publish(self._producer, self.topics.results, candidate.analysis_id, result)
 
     def _safe_handle(self, record: Any) -> str:
         try:
@@ -99,18 +100,20 @@ class TrainerLoop:
 
     # -- the poll loop, on the main thread ----------------------------------------------------
     def run(self) -> None:
-        ensure_topics(self.settings.kafka_bootstrap)
+        ensure_topics(self.settings.kafka_bootstrap, self.topics.partitions())
         self._producer = make_producer(self.settings.kafka_bootstrap, client_id=f"{SERVICE}-{self.settings.trainer_id}")
         consumer = make_consumer(
             self.settings.kafka_bootstrap,
             self.settings.trainer_group,
-            [TOPIC_CANDIDATES],
+            [self.topics.candidates],
             max_poll_records=1,
+            session_timeout_ms=10_000,
+            max_poll_interval_ms=300_000,  # the loop keeps polling while a candidate trains
         )
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="train")
         current: tuple[Any, Future[str]] | None = None
         last_lag = 0.0
-        log.info("trainer %s consuming %s", self.settings.trainer_id, TOPIC_CANDIDATES)
+        log.info("trainer %s consuming %s", self.settings.trainer_id, self.topics.candidates)
         try:
             while True:
                 if self.stop_event.is_set() and current is None:
