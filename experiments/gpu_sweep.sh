@@ -7,10 +7,13 @@
 #     OUT=/some/empty/folder experiments/gpu_sweep.sh
 #
 # Needs (no internet there):
-#   var/gpu-wheels/              wheels for pydantic (+ pydantic-core, annotated-types,
-#                                typing-inspection, typing-extensions), tqdm, pydantic-settings,
-#                                python-dotenv, matplotlib and its deps; installed when missing
-#                                (matplotlib is optional: without it the plots are skipped)
+#   var/gpu-wheels/              wheels (for the GPU machine's Python) of what it lacks among
+#                                pydantic (+ pydantic-core, annotated-types, typing-inspection,
+#                                typing-extensions), tqdm, matplotlib (+ contourpy, cycler,
+#                                fonttools, kiwisolver, pyparsing, python-dateutil, six,
+#                                packaging); each is installed only when missing. matplotlib is
+#                                optional (no plots without it); without a tqdm wheel a silent
+#                                stand-in is written into $GPU_SITE.
 #   var/gpu-data/fashion-mnist/  the four Fashion-MNIST IDX .gz files
 #
 # Writes, flat in $OUT (7 files): vgg16-fmnist-{result.json,report.md,sweep.png},
@@ -29,7 +32,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to the output folder}
 PY=${PYTHON:-python3}
 WHEELS=${GPU_WHEELS:-var/gpu-wheels}
-SITE=${GPU_SITE:-var/gpu-site}
+SITE=$(realpath -m "${GPU_SITE:-var/gpu-site}")
 SAVE_DIR=${SAVE_DIR:-var/gpu-runs}
 SMOKE=${GPU_SWEEP_SMOKE:-0}
 mkdir -p "$OUT" "$SAVE_DIR"
@@ -37,7 +40,7 @@ LOG="$OUT/gpu_sweep.log"
 exec > >(tee "$LOG") 2>&1
 
 if [ -z "${ISPLIT_FASHION_MNIST_DIR:-}" ] && [ -d var/gpu-data/fashion-mnist ]; then
-  export ISPLIT_FASHION_MNIST_DIR=var/gpu-data/fashion-mnist
+  export ISPLIT_FASHION_MNIST_DIR=$PWD/var/gpu-data/fashion-mnist
 fi
 export PYTHONPATH="$SITE:shared${PYTHONPATH:+:$PYTHONPATH}"
 export MPLBACKEND=Agg
@@ -45,26 +48,79 @@ export TQDM_MININTERVAL=${TQDM_MININTERVAL:-15}  # few progress lines in the log
 
 has() { "$PY" -c "import $1" >/dev/null 2>&1; }
 
-# pip_install PKG...: into the interpreter's environment; where that is refused (PEP 668,
-# read-only site-packages), each package alone and without dependencies into $SITE.
-pip_install() {
-  "$PY" -m pip install -q --disable-pip-version-check --no-index --find-links "$WHEELS" "$@" && return 0
-  echo "gpu_sweep: pip refused the interpreter's environment; installing into $SITE"
-  local pkg ok=0
-  for pkg in "$@"; do
-    "$PY" -m pip install -q --disable-pip-version-check --no-index --find-links "$WHEELS" --no-deps \
-      --target "$SITE" "$pkg" || ok=1
-  done
-  return $ok
+# wheel_of PKG: the wheel for PKG in $WHEELS, if any (wheel names use _ for - and any case).
+wheel_of() {
+  local stem=${1//-/_}
+  find "$WHEELS" -maxdepth 1 -iname "${stem}-*.whl" 2>/dev/null | head -n 1
 }
 
-if [ -d "$WHEELS" ]; then
-  has pydantic || pip_install pydantic pydantic-core annotated-types typing-inspection typing-extensions || true
-  has tqdm || pip_install tqdm || true
-  has pydantic_settings || pip_install pydantic-settings python-dotenv || true
-  has matplotlib || pip_install matplotlib contourpy cycler fonttools kiwisolver pyparsing python-dateutil six \
-    packaging || echo "gpu_sweep: matplotlib not installed; the sweeps will skip their plots"
+# install PKG...: the packages whose wheels are in $WHEELS, without dependencies (they are
+# listed), into the interpreter's environment, or where that is refused (PEP 668, read-only
+# site-packages) into $SITE, which is on PYTHONPATH. Returns 1 when a package has no wheel.
+install() {
+  local pkg missing=0 found=()
+  for pkg in "$@"; do
+    if [ -n "$(wheel_of "$pkg")" ]; then found+=("$pkg"); else echo "gpu_sweep: no wheel for $pkg in $WHEELS"; missing=1; fi
+  done
+  [ ${#found[@]} -eq 0 ] && return 1
+  local pip=("$PY" -m pip install -q --disable-pip-version-check --no-index --find-links "$WHEELS" --no-deps)
+  "${pip[@]}" "${found[@]}" 2>/dev/null || {
+    echo "gpu_sweep: pip refused the interpreter's environment; installing into $SITE"
+    "${pip[@]}" --target "$SITE" "${found[@]}"
+  }
+  return $missing
+}
+
+# The library draws progress bars with tqdm and needs nothing else from it: without a wheel,
+# a silent stand-in goes into $SITE.
+tqdm_stand_in() {
+  mkdir -p "$SITE/tqdm"
+  cat >"$SITE/tqdm/__init__.py" <<'PYEOF'
+"""A silent stand-in for tqdm, written by experiments/gpu_sweep.sh where no tqdm wheel was at hand."""
+
+
+class tqdm:  # noqa: N801 - the real class's name
+    def __init__(self, iterable=None, *args, **kwargs):
+        self.iterable = iterable
+
+    def __iter__(self):
+        return iter(self.iterable if self.iterable is not None else ())
+
+    def update(self, n=1):
+        pass
+
+    def set_postfix(self, *args, **kwargs):
+        pass
+
+    def set_description(self, *args, **kwargs):
+        pass
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    @staticmethod
+    def write(text, *args, **kwargs):
+        print(text, flush=True)
+PYEOF
+  echo "from tqdm import tqdm" >"$SITE/tqdm/auto.py"
+  echo "gpu_sweep: no tqdm wheel; using a silent stand-in (no progress bars)"
+}
+
+if [ "$SMOKE" = 1 ] && [ "${GPU_SWEEP_INSTALL:-0}" != 1 ]; then
+  echo "gpu_sweep: smoke run: installing nothing (GPU_SWEEP_INSTALL=1 to test the installation)"
+else
+  has pydantic || install pydantic pydantic-core annotated-types typing-inspection typing-extensions || true
+  has tqdm || install tqdm || true
+  has matplotlib || install matplotlib contourpy cycler fonttools kiwisolver pyparsing python-dateutil six \
+    packaging || echo "gpu_sweep: matplotlib incomplete; the sweeps will skip their plots"
 fi
+has tqdm || tqdm_stand_in
 for mod in torch torchvision numpy PIL pydantic tqdm; do
   has "$mod" || { echo "gpu_sweep: python module $mod is missing (wheels in $WHEELS?)"; exit 1; }
 done

@@ -127,7 +127,10 @@ def exported_metric_names(live_stack, e2e_flow) -> set[str]:
         for line in requests.get(url, timeout=10).text.splitlines():
             if line and not line.startswith("#"):
                 names.add(re.split(r"[{ ]", line, maxsplit=1)[0])
-    assert "isplit_trainer_consumer_lag" in names and "ts_inference_requests_total" in names
+    assert "isplit_trainer_consumer_lag" in names and "ts_inference_requests_total" in names, (
+        live_stack.metrics_urls(),
+        sorted({n.split("_")[0] + "_" + n.split("_")[1] for n in names if "_" in n}),
+    )
     return names
 
 

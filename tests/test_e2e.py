@@ -28,6 +28,10 @@ def test_split_model_mostly_agrees_with_the_full_model(e2e_flow):
     assert agree >= 0.6 * len(e2e_flow.labels), (e2e_flow.edge_classes, e2e_flow.full_model_classes)
 
 
+def test_error_paths_answer_400_for_a_bad_payload_and_503_without_workers(e2e_flow):
+    assert e2e_flow.error_statuses == (400, 503)
+
+
 def _query(prometheus_url: str, expr: str) -> float:
     r = requests.get(prometheus_url + "/api/v1/query", params={"query": expr}, timeout=10).json()
     return sum(float(s["value"][1]) for s in r["data"]["result"])

@@ -60,6 +60,7 @@ from isplit.training import evaluate, pick_device, seed_everything, train_classi
 from isplit.zoo import build_model
 
 SCHEMA = "isplit-sweep/1"
+UNTRAINED_GAP = 0.20  # median split accuracy this far below the unsplit model: the budget, not the cut, decided
 SIGNIFICANCE = 0.05  # one-sided permutation p below this counts as evidence of a positive association
 EXACT_PERMUTATIONS_UP_TO = 8  # n! orderings enumerated exactly up to this n (8! = 40,320)
 
@@ -929,7 +930,8 @@ def verdict(result: SweepResult) -> list[str]:
     but p >= 0.05; *did not hold* when ρ <= 0, *contradicted* when moreover p >= 0.95
     (CUI ranks cuts against accuracy). Whatever the correlation, the result is
     *inconclusive* when the measured accuracies span less than twice the test-set standard
-    error. Accuracy gaps below twice their standard error are called within noise.
+    error, or when the median split accuracy is more than 20 points below the unsplit model's
+    (the bottlenecks did not train). Accuracy gaps below twice their standard error are called within noise.
     """
     cui, size = result.correlations["cui"], result.correlations["size"]
     n_test = result.test_images
@@ -937,6 +939,8 @@ def verdict(result: SweepResult) -> list[str]:
     spread = max(accs) - min(accs) if accs else 0.0
     se_mean = _std_error(sum(accs) / len(accs), n_test) if accs else 0.0
     noise_only = bool(accs) and spread < 2 * se_mean
+    median = sorted(accs)[len(accs) // 2] if accs else 0.0
+    untrained = bool(accs) and result.reference_accuracy - median > UNTRAINED_GAP
     lines: list[str] = []
     if cui.spearman is None or cui.n < 4:
         lines.append(f"**Not judged**: only {cui.n} cuts were measured (or accuracy did not vary); no ranking claim.")
@@ -954,6 +958,12 @@ def verdict(result: SweepResult) -> list[str]:
         beats_size = size.spearman is None or cui.spearman > size.spearman
         if noise_only:
             head = "**Inconclusive**: the cuts' measured accuracies are within test-set noise of each other"
+        elif untrained:
+            head = (
+                f"**Inconclusive**: most bottlenecks did not train within the budget (median split accuracy "
+                f"{_pct(median)} against {_pct(result.reference_accuracy)} unsplit), so the measurements say "
+                "little about the cuts"
+            )
         elif significant and beats_size:
             head = (
                 f"**The claim held here ({_strength(cui.spearman)})**: log10 CUI ranks the cuts like their "
@@ -990,6 +1000,16 @@ def verdict(result: SweepResult) -> list[str]:
             f"({100 * (picks.oracle.accuracy - picks.cui.accuracy):.1f} points above CUI's pick)."
         )
     if accs:
+        budget_note = (
+            " The bottleneck budget was too small for most cuts to recover the model's accuracy: the ranking then "
+            "reflects how fast each bottleneck trains as much as what its cut preserves."
+            if result.reference_accuracy - median > 0.10
+            else ""
+        )
+        lines.append(
+            f"The unsplit model scores {_pct(result.reference_accuracy)}; the split models {_pct(min(accs))} to "
+            f"{_pct(max(accs))} (median {_pct(median)}).{budget_note}"
+        )
         if noise_only:
             lines.append(
                 f"Caution: measured accuracies span only {100 * spread:.1f} points, less than twice the test-set "
@@ -1009,11 +1029,15 @@ def verdict(result: SweepResult) -> list[str]:
             if control.equal_size_pairs
             else "no two measured cuts have the same output size, so CUI was not tested where size cannot choose"
         )
+        consequence = ""
+        if control.agreement > 0.5:
+            consequence = (
+                ", so much of CUI's correlation may be size's"
+                if (cui.spearman or 0) > 0
+                else ", so this sweep can hardly tell them apart"
+            )
         lines.append(
-            f"CUI and size agree with each other at ρ = {control.agreement:+.2f} over these cuts, so much of CUI's "
-            f"correlation may be size's; {within}."
-            if control.agreement > 0.5
-            else f"CUI and size agree with each other at ρ = {control.agreement:+.2f} over these cuts; {within}."
+            f"CUI and size agree with each other at ρ = {control.agreement:+.2f} over these cuts{consequence}; {within}."
         )
     if result.subsets:
         margin = result.parameters.min_margin
@@ -1224,7 +1248,7 @@ def plot_sweep(result: SweepResult, path: Path) -> Path | None:
     active = [i for i, q in enumerate(result.curve.points) if not q.skipped]
     names = [result.curve.points[i].module for i in active]
     x_of = {name: j for j, name in enumerate(names)}
-    fig = plt.figure(figsize=(max(11, 0.42 * len(active)), 9))
+    fig = plt.figure(figsize=(max(11, 0.42 * len(active)), 9.8))
     grid = fig.add_gridspec(2, 2, height_ratios=[1.2, 1])
     top = fig.add_subplot(grid[0, :])
     top.plot(
@@ -1257,9 +1281,12 @@ def plot_sweep(result: SweepResult, path: Path) -> Path | None:
     acc_ax.set_ylabel("test accuracy (%)")
     lines = top.get_legend_handles_labels()
     acc_lines = acc_ax.get_legend_handles_labels()
-    top.legend(lines[0] + acc_lines[0], lines[1] + acc_lines[1], fontsize=7, loc="lower left")
+    top.legend(
+        lines[0] + acc_lines[0], lines[1] + acc_lines[1], fontsize=7, loc="lower center",
+        bbox_to_anchor=(0.5, 1.0), ncol=4, frameon=False,
+    )  # fmt: skip
     width = f" (width {result.model.width})" if result.model.width != 1.0 else ""
-    top.set_title(
+    fig.suptitle(
         f"{result.model.arch}{width} on {result.parameters.dataset}: predicted (CUI) and measured accuracy per cut"
     )
     for k, (key, xs, xlabel) in enumerate(
