@@ -198,7 +198,7 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--analysis-images", type=int, default=1000)
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--bottleneck-epochs", type=int, default=1)
-    p.add_argument("--train-images", type=int, default=12000)
+    p.add_argument("--train-images", type=int, default=8000)
     p.add_argument("--subset", default="sandal,sneaker,ankle-boot", help="comma-separated class names or indices")
     p.add_argument("--edge-images", type=int, default=16)
     p.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the trainer")

@@ -931,7 +931,8 @@ def verdict(result: SweepResult) -> list[str]:
     (CUI ranks cuts against accuracy). Whatever the correlation, the result is
     *inconclusive* when the measured accuracies span less than twice the test-set standard
     error, or when the median split accuracy is more than 20 points below the unsplit model's
-    (the bottlenecks did not train). Accuracy gaps below twice their standard error are called within noise.
+    (the bottlenecks did not train). Accuracy gaps below twice their standard error are
+    called within noise.
     """
     cui, size = result.correlations["cui"], result.correlations["size"]
     n_test = result.test_images
