@@ -33,14 +33,14 @@ def _api(base: str, method: str, path: str, **kw) -> dict:
 
 
 def reference_model(args: argparse.Namespace) -> Path:
-    path = home() / "models" / f"{args.arch}-w{args.width}-fashion-mnist-{args.input_size}.pt"
+    path = home() / "models" / f"{args.arch}-w{args.width}-fashion-mnist-{args.input_size}-{args.model_train_images}.pt"
     if path.exists():
         print(f"reusing reference model {path}")
         return path
     print(f"training reference model {path.name} (once; reused afterwards)")
     cmd = [sys.executable, "-m", "isplit.cli", "zoo", "train", "--arch", args.arch, "--width", str(args.width),
            "--dataset", "fashion-mnist", "--input-size", str(args.input_size), "--epochs", str(args.model_epochs),
-           "--lr", "0.004", "--out", str(path)]  # fmt: skip
+           "--lr", "0.004", "--max-train-images", str(args.model_train_images), "--out", str(path)]  # fmt: skip
     subprocess.run(cmd, check=True, cwd=REPO)
     return path
 
@@ -194,7 +194,8 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--arch", default="vgg16")
     p.add_argument("--width", type=float, default=0.25)
     p.add_argument("--input-size", type=int, default=32)
-    p.add_argument("--model-epochs", type=int, default=2)
+    p.add_argument("--model-epochs", type=int, default=3)
+    p.add_argument("--model-train-images", type=int, default=20000, help="reference model's training slice")
     p.add_argument("--analysis-images", type=int, default=1000)
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--bottleneck-epochs", type=int, default=1)
