@@ -84,7 +84,8 @@ HEADERS = {"Content-Type": "application/octet-stream", "X-Isplit-Top-K": str(TOP
 ENCODINGS = ("fp32", "fp16", "int8")
 # The handler reads this (intra-op threads per worker; 0 = torch's default, one per core).
 THREADS_ENV = "ISPLIT_TAIL_TORCH_THREADS"
-# What the tuned config.properties adds to TorchServe's defaults (removed for the stock run).
+# Performance settings config.properties may add to TorchServe's defaults; the "stock" tuning
+# variant removes them (of these, the project config sets async_logging).
 TUNING_KEYS = ("async_logging", "disable_system_metrics", "number_of_netty_threads", "netty_client_threads", "vmargs")
 
 
@@ -139,7 +140,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16, help="TorchServe server-side batch size")
     p.add_argument("--max-batch-delay-ms", type=int, default=0, help="for the tail and the full-image endpoint")
     p.add_argument("--batched-delay-ms", type=int, default=1, help="for a second registration of the tail")
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", type=int, default=2, help="TorchServe workers per registered model")
     p.add_argument("--no-tuning", action="store_true", help="skip the tuning experiments")
     p.add_argument("--inference-url", help="reuse this TorchServe (with --management-url, --model-store)")
     p.add_argument("--management-url")
@@ -386,18 +387,20 @@ def fastapi_endpoint(model_dir: Path, name: str) -> Iterator[str]:
     """The bare endpoint for the model in ``model_dir`` (own process); its predictions URL."""
     [port] = free_ports(1)
     command = [sys.executable, __file__, "--serve-fastapi", str(model_dir), "--port", str(port)]
-    proc = subprocess.Popen(command, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, env={**os.environ, THREADS_ENV: "1"})  # fmt: skip
-    try:
-        deadline = time.monotonic() + 120
-        while not ts.is_healthy(f"http://127.0.0.1:{port}", timeout_s=1):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the FastAPI endpoint did not start: {proc.stderr.read().decode()[-2000:]}")
-            time.sleep(0.2)
-        yield f"http://127.0.0.1:{port}/predictions/{name}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    with tempfile.TemporaryFile() as errors:
+        proc = subprocess.Popen(command, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=errors, env={**os.environ, THREADS_ENV: "1"})  # fmt: skip
+        try:
+            deadline = time.monotonic() + 120
+            while not ts.is_healthy(f"http://127.0.0.1:{port}", timeout_s=1):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    errors.seek(0)
+                    raise RuntimeError(f"the FastAPI endpoint did not start: {errors.read().decode()[-2000:]}")
+                time.sleep(0.2)
+            yield f"http://127.0.0.1:{port}/predictions/{name}"
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
 
 
 def time_in_process(handler, context, payload: bytes, n: int) -> dict:
@@ -751,6 +754,7 @@ def tuning_experiments(tail_mar: Path, payloads: Sequence[bytes], args: argparse
             ("batch 16, delay 1 ms", 16, 1, 1),
             ("batch 16, delay 2 ms", 16, 2, 1),
             ("batch 16, delay 0 ms, 2 workers", 16, 0, 2),
+            ("batch 16, delay 1 ms, 2 workers", 16, 1, 2),
         ]),
         ("project config + quiet log4j2", quiet_logging(args.work_dir), {}, [
             ("batch 16, delay 0 ms", 16, 0, 1),

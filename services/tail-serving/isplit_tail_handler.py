@@ -25,6 +25,12 @@ Custom metrics (declared in ``metrics.yaml``, labels ``ModelName``, ``Level`` an
 codes per forward pass), ``isplit_tail_payload_bytes`` (histogram, request body bytes) and
 ``isplit_tail_bad_requests_total`` (counter).
 
+Environment: ``ISPLIT_TAIL_MAX_BYTES`` (largest request body, default 64 MiB) and
+``ISPLIT_TAIL_TORCH_THREADS`` (intra-op threads per worker, default 1; 0 = torch's default,
+one per core). One thread is the right default for small tails on shared CPUs: on the 2-core
+development machine two threads per worker cut throughput at concurrency 16 by 3.5x and
+raised p95 at concurrency 1 from 17 ms to 114 ms (``benchmarks/bench_serving.py``).
+
 TorchServe instantiates the one class defined in this module; keep it the only class.
 """
 
@@ -49,8 +55,8 @@ DEFAULT_TOP_K = 5
 TOP_K_HEADER = "X-Isplit-Top-K"
 MAX_BYTES = int(os.environ.get("ISPLIT_TAIL_MAX_BYTES", wire.DEFAULT_MAX_BYTES))
 # Intra-op threads per worker (0 = torch's default, one per core). A tail is small and each
-# worker runs one batch at a time: one thread avoids threads of several workers, the frontend
-# and the Python interpreter spinning against each other on a shared machine.
+# worker runs one batch at a time: one thread keeps the threads of several workers, the
+# frontend and the client from spinning against each other on a shared machine.
 TORCH_THREADS = int(os.environ.get("ISPLIT_TAIL_TORCH_THREADS", "1"))
 
 

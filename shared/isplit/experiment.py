@@ -229,7 +229,7 @@ class SweepResult(BaseModel):
     curve: ImportanceCurve
     cuts: list[CutMeasurement]
     correlations: dict[str, Correlation]  # "cui", "size"
-    size_control: SizeControl | None = None  # None in results written before it existed: derived on report
+    size_control: SizeControl
     picks: Picks
     subsets: list[SubsetResult]
     skipped_for_budget: list[str]
@@ -460,7 +460,7 @@ def evaluate_claim(
 
 def machine_info(device: torch.device) -> Machine:
     """Platform, CPU count, torch version and accelerator of this process."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
     return Machine(
         platform=platform.platform(),
         python=platform.python_version(),
@@ -470,6 +470,17 @@ def machine_info(device: torch.device) -> Machine:
         device=str(device),
         device_name=name,
     )
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 @torch.inference_mode()
@@ -1021,7 +1032,7 @@ def verdict(result: SweepResult) -> list[str]:
                 f"Measured accuracies span {100 * spread:.1f} points across cuts "
                 f"(test-set standard error ≈ {100 * se_mean:.1f} points on {n_test} images)."
             )
-    control = result.size_control or size_control(result.cuts)
+    control = result.size_control
     if control.agreement is not None:
         within = (
             f"among the {control.equal_size_pairs} pairs of measured cuts with equal output size, where size cannot "
