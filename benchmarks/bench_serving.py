@@ -145,6 +145,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--inference-url", help="reuse this TorchServe (with --management-url, --model-store)")
     p.add_argument("--management-url")
     p.add_argument("--model-store", type=Path)
+    p.add_argument("--metrics-url", help="with --inference-url: its metrics API, for the mean batch sizes")
     p.add_argument("--json-out", type=Path)
     p.add_argument("--serve-fastapi", type=Path, help=argparse.SUPPRESS)  # internal: the bare endpoint
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -594,7 +595,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     reuse = args.inference_url is not None
     main_server = (
-        nullcontext(Server(args.inference_url, args.management_url, args.model_store))
+        nullcontext(Server(args.inference_url, args.management_url, args.model_store, args.metrics_url))
         if reuse
         else private_torchserve({}, {})
     )

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from isplit.cuts import CutPoint
+from isplit.checkpoint import ModelInfo
+from isplit.cuts import CutPoint, find_cut_points
+from isplit.data import load_dataset
 from isplit.experiment import (
     CutMeasurement,
     SweepResult,
@@ -23,7 +25,9 @@ from isplit.experiment import (
     verdict,
 )
 from isplit.importance import ImportanceStats, curve_from_stats
+from isplit.retrain import retrain_split
 from isplit.stats import kendall, spearman
+from isplit.zoo import build_model
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CUTS = ("features.0", "features.8", "features.20")  # features.20: the size pick (smallest, earliest)
@@ -179,6 +183,21 @@ def test_report_of_a_file_that_is_not_a_result_is_a_one_line_error(tmp_path):
     (tmp_path / "result.json").write_text('{"hello": 1}')
     done = isplit("experiment", "report", str(tmp_path / "result.json"), cwd=tmp_path)
     assert done.returncode == 2 and "is not a sweep result" in done.stderr
+
+
+def test_retraining_a_cut_leaves_the_reference_model_unchanged():
+    """Every cut of a sweep retrains against the same model: BatchNorm statistics must not drift."""
+    model = build_model("vgg11_bn", num_classes=10, in_channels=1, input_size=32, width=0.25).eval()
+    info = ModelInfo(
+        arch="vgg11_bn", num_classes=10, in_channels=1, input_size=32, width=0.25,
+        class_names=[str(k) for k in range(10)], mean=[0.3], std=[0.4],
+    )  # fmt: skip
+    data = load_dataset("digits", "test").subset(None, 64)
+    cut = next(p.module for p in find_cut_points(model, (1, 32, 32)) if not p.skipped)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    retrain_split(model, info, cut, data, data, epochs=1, batch_size=32)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(m.training for m in model.modules())
 
 
 # -- pure pieces ----------------------------------------------------------------------------

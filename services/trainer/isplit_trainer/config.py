@@ -29,9 +29,9 @@ class Settings(BaseSettings):
     topic_prefix: str = Field(default="", description="namespace for the Kafka topics (shared clusters, tests)")
     trainer_id: str = Field(default_factory=socket.gethostname)
     trainer_max_train_images: int | None = Field(default=None, description="cap when the candidate sets none")
-    tail_batch_size: int = 8
-    tail_max_batch_delay_ms: int = 5
-    tail_workers: int = 1
+    tail_batch_size: int = 16
+    tail_max_batch_delay_ms: int = Field(default=0, description="0: lowest latency; 1 ms: larger batches under load")
+    tail_workers: int = 2
     trainer_job_template: str = Field(
         default="", description="kubernetes executor: the Job template JSON (see k8s_executor.JobTemplate)"
     )
