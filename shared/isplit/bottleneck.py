@@ -19,6 +19,10 @@ def _out_padding(size: int) -> int:
     return size - 2 * ((size + 1) // 2) + 1
 
 
+# BatchNorm with momentum=None keeps a cumulative average: after a short training (tens of
+# steps) an exponential average has not settled and eval-mode accuracy collapses.
+
+
 class ConvBottleneck(nn.Module):
     """Encoder ``(N, C, H, W) -> (N, C', ceil(ceil(H/2)/2), ...)``; decoder back to ``(N, C, H, W)``."""
 
@@ -29,17 +33,17 @@ class ConvBottleneck(nn.Module):
         h1, w1 = (height + 1) // 2, (width + 1) // 2
         self.encoder = nn.Sequential(
             nn.Conv2d(channels, mid, 3, stride=2, padding=1, bias=False),
-            nn.BatchNorm2d(mid),
+            nn.BatchNorm2d(mid, momentum=None),
             nn.ReLU(),
             nn.Conv2d(mid, code, 3, stride=2, padding=1, bias=False),
-            nn.BatchNorm2d(code),
+            nn.BatchNorm2d(code, momentum=None),
             nn.ReLU(),
         )
         self.decoder = nn.Sequential(
             nn.ConvTranspose2d(
                 code, mid, 3, stride=2, padding=1, output_padding=(_out_padding(h1), _out_padding(w1)), bias=False
             ),
-            nn.BatchNorm2d(mid),
+            nn.BatchNorm2d(mid, momentum=None),
             nn.ReLU(),
             # Last layer linear: the activation at the cut may be negative (e.g. a conv output).
             nn.ConvTranspose2d(

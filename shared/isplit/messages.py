@@ -128,7 +128,7 @@ class BottleneckSpec(BaseModel):
 
     compression_ratio: PositiveInt = Field(default=4, description="channels at the cut / code channels")
     epochs: PositiveInt = 2
-    lr: float = Field(default=1e-3, gt=0.0, allow_inf_nan=False)
+    lr: float = Field(default=5e-3, gt=0.0, allow_inf_nan=False)
     batch_size: PositiveInt = 64
     finetune_tail: bool = False
     seed: int = 0

@@ -124,7 +124,7 @@ def retrain_split(
     *,
     ratio: int = 4,
     epochs: int = 2,
-    lr: float = 1e-3,
+    lr: float = 5e-3,
     batch_size: int = 64,
     finetune_tail: bool = False,
     classes: Sequence[int] | None = None,

@@ -17,7 +17,7 @@ class AnalysisOptions(BaseModel):
     top_k: int = Field(default=3, ge=0, le=64, description="candidates published to the trainer")
     compression_ratio: int = Field(default=4, ge=1, le=256)
     epochs: int = Field(default=2, ge=1, le=1000, description="bottleneck training epochs")
-    lr: float = Field(default=1e-3, gt=0, le=10)
+    lr: float = Field(default=5e-3, gt=0, le=10)
     train_batch_size: int = Field(default=64, ge=1, le=4096)
     finetune_tail: bool = False
     max_train_images: int | None = Field(default=None, ge=1)
