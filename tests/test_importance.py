@@ -189,6 +189,12 @@ def test_ranking_puts_candidates_first_then_the_rest_by_cui():
     assert curve.ranking() == ["d", "b", "e", "c", "a"]
 
 
+def test_ranking_starts_with_the_recommended_cut_even_when_it_is_not_a_local_maximum():
+    curve = curve_from_stats(_stats({"a": 1.0, "b": 2.0, "c": 0.5, "d": 10.0}, {k: 4 for k in "abcd"}, skipped=set()))
+    assert curve.best == "d" and curve.candidates == ["b"]
+    assert curve.ranking() == ["d", "b", "a", "c"]
+
+
 def test_point_lookup_of_an_unknown_module_raises_key_error():
     curve = curve_from_stats(_stats(VALUES, BYTES, skipped=set()))
     with pytest.raises(KeyError):

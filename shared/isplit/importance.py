@@ -82,10 +82,14 @@ class ImportanceCurve(BaseModel):
         raise KeyError(module)
 
     def ranking(self) -> list[str]:
-        """Non-skipped cuts, best first: local maxima by CUI, then the other points by CUI."""
+        """Non-skipped cuts, best first: the recommended cut (global maximum), then the other
+        local maxima by CUI, then the remaining points by CUI."""
         active = [p for p in self.points if not p.skipped]
         cands = set(self.candidates)
-        return [p.module for p in sorted(active, key=lambda p: (p.module not in cands, -p.log10_cui))]
+        return [
+            p.module
+            for p in sorted(active, key=lambda p: (p.module != self.best, p.module not in cands, -p.log10_cui))
+        ]
 
 
 @dataclass
