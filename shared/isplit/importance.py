@@ -87,8 +87,7 @@ class ImportanceCurve(BaseModel):
         active = [p for p in self.points if not p.skipped]
         cands = set(self.candidates)
         return [
-            p.module
-            for p in sorted(active, key=lambda p: (p.module != self.best, p.module not in cands, -p.log10_cui))
+            p.module for p in sorted(active, key=lambda p: (p.module != self.best, p.module not in cands, -p.log10_cui))
         ]
 
 
