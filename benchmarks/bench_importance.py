@@ -49,8 +49,7 @@ import math
 import platform
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -58,7 +57,7 @@ from torch import nn
 
 from isplit.cuts import CutPoint, find_cut_points
 from isplit.data import load_dataset, to_model_input
-from isplit.importance import accumulate_importance, curve_from_stats, local_maxima, log10_cui
+from isplit.importance import accumulate_importance, analysis_mode, curve_from_stats, local_maxima, log10_cui
 from isplit.zoo import build_model
 
 CUI_TOLERANCE = 1e-4  # max relative CUI difference between methods in fp32
@@ -154,27 +153,6 @@ def timed(fn: Callable[[], object], device: torch.device) -> tuple[object, float
 # -- method 1: the authors' procedure -------------------------------------------------------
 
 
-@contextmanager
-def frozen(model: nn.Module) -> Iterator[None]:
-    """Eval mode, no parameter gradients, no in-place activations; restored afterwards."""
-    was_training = model.training
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    inplace = [m for m in model.modules() if getattr(m, "inplace", False) is True]
-    model.eval()
-    for p, _ in flags:
-        p.requires_grad_(False)
-    for m in inplace:
-        m.inplace = False
-    try:
-        yield
-    finally:
-        model.train(was_training)
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        for m in inplace:
-            m.inplace = True
-
-
 def gradcam(activation: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
     """Grad-CAM with the channel mean, written out independently of the engine:
     ``(1, C, H, W)`` or ``(1, F)`` -> ``(H, W)`` float64."""
@@ -191,7 +169,7 @@ def authors_procedure(
     pass from the correct class's score to that cut's activation."""
     active = [p.module for p in points if not p.skipped]
     sums: dict[str, torch.Tensor] = {}
-    with frozen(model):
+    with analysis_mode(model):
         for x, y in zip(images, labels, strict=True):
             x = x[None].to(device)
             for name in active:
@@ -270,7 +248,7 @@ def forward_flops_per_image(model: nn.Module, input_shape: tuple[int, ...], devi
     layers = [m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
     handles = [m.register_forward_hook(count) for m in layers]
     try:
-        with torch.no_grad(), frozen(model):
+        with torch.no_grad(), analysis_mode(model):
             model(torch.zeros(1, *input_shape, device=device))
     finally:
         for h in handles:

@@ -36,54 +36,31 @@ def cmd_zoo_list(args: argparse.Namespace) -> int:
 
 
 def cmd_zoo_train(args: argparse.Namespace) -> int:
-    from isplit.checkpoint import ModelInfo, save_checkpoint
+    from isplit.checkpoint import save_checkpoint
     from isplit.data import load_dataset
-    from isplit.training import evaluate, pick_device, train_classifier
-    from isplit.zoo import build_model
+    from isplit.training import pick_device, train_reference_model
 
     train = load_dataset(args.dataset, "train", in_channels=args.in_channels)
     test = load_dataset(args.dataset, "test", in_channels=args.in_channels)
     if args.max_train_images:
         train = train.subset(None, args.max_train_images)
-    mean, std = train.channel_stats()
-    model = build_model(
-        args.arch,
-        num_classes=len(train.class_names),
-        in_channels=train.in_channels,
-        input_size=args.input_size,
-        width=args.width,
-    )
     device = pick_device(args.device)
     print(f"training {args.arch} (width {args.width}) on {args.dataset}: {len(train)} images, {device}")
-    stats = train_classifier(
-        model,
+    model, info, stats = train_reference_model(
+        args.arch,
+        args.dataset,
         train,
+        test,
         input_size=args.input_size,
-        mean=mean,
-        std=std,
+        width=args.width,
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
         device=device,
         seed=args.seed,
     )
-    acc = evaluate(model, test.batches(256, input_size=args.input_size, mean=mean, std=std), device)
-    info = ModelInfo(
-        arch=args.arch,
-        num_classes=len(train.class_names),
-        in_channels=train.in_channels,
-        input_size=args.input_size,
-        width=args.width,
-        class_names=train.class_names,
-        mean=mean,
-        std=std,
-        dataset=args.dataset,
-        test_accuracy=acc,
-        epochs=args.epochs,
-        extra={"train_seconds": round(stats["seconds"], 2), "train_images": len(train)},
-    )
     save_checkpoint(Path(args.out), model.cpu(), info)
-    print(f"test accuracy {acc:.4f} on {len(test)} images; {stats['samples_per_second']:.0f} samples/s")
+    print(f"test accuracy {info.test_accuracy:.4f} on {len(test)} images; {stats['samples_per_second']:.0f} samples/s")
     print(f"wrote {args.out}")
     return 0
 

@@ -56,7 +56,7 @@ from isplit.importance import (
 )
 from isplit.retrain import retrain_split
 from isplit.stats import kendall, spearman
-from isplit.training import evaluate, pick_device, seed_everything, train_classifier
+from isplit.training import evaluate, pick_device, seed_everything, train_reference_model
 from isplit.zoo import build_model
 
 SCHEMA = "isplit-sweep/1"
@@ -540,41 +540,19 @@ def _prepare_model(
         model, info = _load_reference(cfg, train)
         return model.to(device).eval(), info
     assert cfg.width is not None and cfg.input_size is not None
-    mean, std = train.channel_stats()
-    model = build_model(
+    model, info, _ = train_reference_model(
         cfg.arch,
-        num_classes=len(train.class_names),
-        in_channels=train.in_channels,
+        cfg.dataset,
+        train,
+        test,
         input_size=cfg.input_size,
         width=cfg.width,
-    )
-    stats = train_classifier(
-        model,
-        train,
-        input_size=cfg.input_size,
-        mean=mean,
-        std=std,
         epochs=cfg.epochs_model,
         batch_size=cfg.batch_size_model,
         lr=cfg.lr_model,
         device=device,
         seed=cfg.seed,
-    )
-    model.eval()
-    acc = evaluate(model, test.batches(256, input_size=cfg.input_size, mean=mean, std=std), device)
-    info = ModelInfo(
-        arch=cfg.arch,
-        num_classes=len(train.class_names),
-        in_channels=train.in_channels,
-        input_size=cfg.input_size,
-        width=cfg.width,
-        class_names=train.class_names,
-        mean=mean,
-        std=std,
-        dataset=cfg.dataset,
-        test_accuracy=acc,
-        epochs=cfg.epochs_model,
-        extra={"train_seconds": round(stats["seconds"], 2), "train_images": len(train), "made_by": "experiment sweep"},
+        extra={"made_by": "experiment sweep"},
     )
     if save_weights is not None:
         save_checkpoint(save_weights, model, info)

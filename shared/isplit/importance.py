@@ -15,7 +15,7 @@ own gradient); parameters get no gradient.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
@@ -146,7 +146,7 @@ def local_maxima(values: Sequence[float]) -> list[int]:
 
 
 @contextmanager
-def _analysis_mode(model: nn.Module):
+def analysis_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode, no parameter gradients, no in-place activations (they would overwrite the
     very outputs we differentiate against); everything restored afterwards."""
     was_training = model.training
@@ -215,7 +215,7 @@ def accumulate_importance(
     stats: ImportanceStats | None = None
     bar = tqdm(total=total, unit="img", desc="importance", disable=progress is not True)
     done = 0
-    with _analysis_mode(model):
+    with analysis_mode(model):
         for images, labels in _as_batches(data, batch_size):
             images, labels = _filter(images, labels, classes)
             if labels.numel() == 0:

@@ -11,7 +11,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from isplit.checkpoint import ModelInfo
 from isplit.data import ImageSet
+from isplit.zoo import build_model
 
 
 def seed_everything(seed: int) -> None:
@@ -87,3 +89,51 @@ def train_classifier(
     bar.close()
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "samples_per_second": epochs * len(train) / max(seconds, 1e-9)}
+
+
+def train_reference_model(
+    arch: str,
+    dataset: str,
+    train: ImageSet,
+    test: ImageSet,
+    *,
+    input_size: int,
+    width: float = 1.0,
+    epochs: int,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    device: torch.device,
+    seed: int = 0,
+    progress: bool = True,
+    extra: dict | None = None,
+) -> tuple[nn.Module, ModelInfo, dict[str, float]]:
+    """Build ``arch`` for ``train``'s classes and channels, train it, measure test accuracy.
+
+    Returns ``(model in eval mode, its ModelInfo (normalisation from the training images),
+    train_classifier's stats)``, ready for ``save_checkpoint``.
+    """
+    mean, std = train.channel_stats()
+    model = build_model(
+        arch, num_classes=len(train.class_names), in_channels=train.in_channels, input_size=input_size, width=width
+    )
+    stats = train_classifier(
+        model, train, input_size=input_size, mean=mean, std=std, epochs=epochs, batch_size=batch_size, lr=lr,
+        device=device, seed=seed, progress=progress,
+    )  # fmt: skip
+    model.eval()
+    acc = evaluate(model, test.batches(256, input_size=input_size, mean=mean, std=std), device)
+    info = ModelInfo(
+        arch=arch,
+        num_classes=len(train.class_names),
+        in_channels=train.in_channels,
+        input_size=input_size,
+        width=width,
+        class_names=train.class_names,
+        mean=mean,
+        std=std,
+        dataset=dataset,
+        test_accuracy=acc,
+        epochs=epochs,
+        extra={"train_seconds": round(stats["seconds"], 2), "train_images": len(train), **(extra or {})},
+    )
+    return model, info, stats
