@@ -154,12 +154,6 @@ def load_dataset(spec: str, split: str, *, in_channels: int | None = None) -> Im
     raise IsplitError(f"unknown dataset {spec!r}; use one of: {DATASETS_HELP}")
 
 
-def dataset_info(spec: str) -> tuple[list[str], int]:
-    """Class names and channel count of a dataset, cheaply (reads the test split)."""
-    ds = load_dataset(spec, "test")
-    return ds.class_names, ds.in_channels
-
-
 def resolve_classes(requested: Sequence[str | int] | None, class_names: Sequence[str]) -> list[int] | None:
     """Turn class indices or names into sorted unique indices; None stays None (all classes)."""
     if requested is None:

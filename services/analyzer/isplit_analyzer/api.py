@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Request, UploadFile
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, JSONResponse
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from isplit import IsplitError
 from isplit.bus import kafka_reachable
 from isplit.checkpoint import load_model, sha256_file
+from isplit.data import resolve_classes
 from isplit.stats import spearman
 from isplit_analyzer import metrics
 from isplit_analyzer.jobs import model_path, new_job_id, report_dir
@@ -183,8 +184,6 @@ def submit_analysis(req: AnalysisRequest, request: Request, st: Any = Depends(st
         folder = Path(req.dataset.removeprefix("imagefolder:"))
         body["dataset"] = "imagefolder:" + str((st.settings.data_root / folder).resolve())
     if req.classes is not None:
-        from isplit.data import resolve_classes
-
         try:
             body["classes"] = resolve_classes(req.classes, rec.info["class_names"])
         except IsplitError as exc:
@@ -195,8 +194,6 @@ def submit_analysis(req: AnalysisRequest, request: Request, st: Any = Depends(st
     s.commit()
     metrics.JOBS.labels(QUEUED).inc()
     url = f"/v1/analyses/{job.id}"
-    from fastapi.responses import JSONResponse
-
     return JSONResponse(
         Accepted(id=job.id, status=job.status, status_url=url).model_dump(), status_code=202, headers={"Location": url}
     )

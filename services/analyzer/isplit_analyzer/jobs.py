@@ -34,7 +34,6 @@ from isplit_analyzer import metrics
 from isplit_analyzer.config import Settings
 from isplit_analyzer.store import (
     ANALYSED,
-    CANCELLED,
     FAILED,
     QUEUED,
     RUNNING,
@@ -364,6 +363,3 @@ class JobRunner:
     def _set_error(self, job_id: str, message: str) -> None:
         with self.sessions.begin() as s:
             s.execute(update(Job).where(Job.id == job_id).values(error=message, updated_at=utcnow()))
-
-
-__all__ = ["JobRunner", "new_job_id", "model_path", "report_dir", "CANCELLED", "run_analysis_job"]

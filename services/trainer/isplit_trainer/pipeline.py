@@ -6,6 +6,7 @@ Idempotent by candidate id: everything lives under ``<artifact_root>/candidates/
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -158,8 +159,6 @@ def _register(result: TrainingResult, paths: dict[str, Path], model_name: str, s
         )
         # One real request proves the tail answers and measures network + tail latency.
         head = torch.jit.load(str(paths["head.pt"]))
-        import json
-
         meta = json.loads(paths["head.json"].read_text())
         x = torch.zeros(1, meta["in_channels"], meta["input_size"], meta["input_size"])
         with torch.no_grad():
