@@ -12,8 +12,9 @@ from pydantic import BaseModel
 
 from isplit import IsplitError
 from isplit.checkpoint import ModelInfo, load_model
-from isplit.data import load_dataset, resolve_classes
+from isplit.data import DatasetRef, resolve_classes
 from isplit.importance import ImportanceCurve, Target, importance_curve
+from isplit.messages import BottleneckSpec, DatasetSpec, ModelSpec, SplitCandidate, candidate_id_for
 from isplit.plots import plot_class_heat, plot_curve
 from isplit.training import pick_device
 
@@ -35,7 +36,7 @@ class AnalysisResult(BaseModel):
 
 def run_analysis(
     weights: Path,
-    dataset: str,
+    dataset: str | DatasetRef,
     *,
     arch: str | None = None,
     classes: Sequence[str | int] | None = None,
@@ -46,18 +47,19 @@ def run_analysis(
     split: str = "test",
     progress: bool | Callable[[int], None] = False,
 ) -> AnalysisResult:
-    """Analyse the checkpoint ``weights`` on ``dataset`` (a spec string, see ``isplit.data``).
+    """Analyse the checkpoint ``weights`` on ``dataset`` (a spec string or a parsed reference).
 
     ``classes`` are indices or names (None = all); ``max_images`` caps the analysed images
     (a stratified, seeded slice); errors a user can cause raise ``IsplitError``.
     """
+    ref, spec = (dataset, dataset.spec) if isinstance(dataset, DatasetRef) else (DatasetRef.parse(dataset), dataset)
     model, info = load_model(weights, arch=arch)
-    data = load_dataset(dataset, split, in_channels=info.in_channels)
+    data = ref.load(split, in_channels=info.in_channels)
     if data.in_channels != info.in_channels:
-        raise IsplitError(f"dataset {dataset!r} has {data.in_channels} channels, the model expects {info.in_channels}")
+        raise IsplitError(f"dataset {spec!r} has {data.in_channels} channels, the model expects {info.in_channels}")
     if len(data.class_names) != info.num_classes:
         raise IsplitError(
-            f"dataset {dataset!r} has {len(data.class_names)} classes, the model was trained on {info.num_classes}"
+            f"dataset {spec!r} has {len(data.class_names)} classes, the model was trained on {info.num_classes}"
         )
     subset = resolve_classes(classes, data.class_names)
     data = data.subset(subset, max_images)
@@ -76,7 +78,7 @@ def run_analysis(
     seconds = time.perf_counter() - start
     return AnalysisResult(
         model=info,
-        dataset=dataset,
+        dataset=spec,
         split=split,
         classes=subset,
         class_names=data.class_names,
@@ -86,6 +88,41 @@ def run_analysis(
         images_per_second=curve.num_images / max(seconds, 1e-9),
         device=str(dev),
     )
+
+
+def split_candidates(
+    result: AnalysisResult,
+    analysis_id: str,
+    *,
+    model: ModelSpec,
+    dataset: DatasetSpec,
+    bottleneck: BottleneckSpec,
+    top_k: int,
+) -> list[SplitCandidate]:
+    """The cuts to retrain: the first ``top_k`` of the ranking (recommended cut first), each as
+    the message the trainer consumes, ``predicted_rank`` 1 for the first."""
+    curve = result.curve
+    candidates = []
+    for rank, cut in enumerate(result.ranking[:top_k], start=1):
+        point = curve.point(cut)
+        candidates.append(
+            SplitCandidate(
+                analysis_id=analysis_id,
+                candidate_id=candidate_id_for(analysis_id, cut),
+                model=model,
+                dataset=dataset,
+                cut=cut,
+                predicted_rank=rank,
+                cui=point.cui,
+                log10_cui=point.log10_cui,
+                size_rank=curve.size_ranking.index(cut) + 1,
+                output_shape=point.output_shape,
+                output_bytes=point.output_bytes,
+                target=curve.target,
+                bottleneck=bottleneck,
+            )
+        )
+    return candidates
 
 
 def write_report(result: AnalysisResult, out: Path) -> dict[str, Path]:

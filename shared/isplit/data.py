@@ -138,20 +138,69 @@ def preprocess_image(
     return to_model_input(pil_to_uint8(image, in_channels)[None], input_size, mean, std)[0]
 
 
-def load_dataset(spec: str, split: str, *, in_channels: int | None = None) -> ImageSet:
-    """Load the ``split`` ("train" or "test") of a dataset given by its spec string.
+BUILTIN_CLASSES: dict[str, tuple[str, ...]] = {
+    "fashion-mnist": FASHION_MNIST_CLASSES,
+    "digits": tuple(str(d) for d in range(10)),
+}
 
-    ``in_channels`` applies to image folders (default 3); the built-in datasets are grayscale.
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """A dataset named by its spec string, parsed once.
+
+    ``name`` is ``fashion-mnist``, ``digits`` or ``imagefolder``; ``folder`` is the image
+    folder's path (absolute when parsed with a ``root``) for ``imagefolder``, else None.
     """
-    if split not in ("train", "test"):
-        raise IsplitError(f"split must be 'train' or 'test', got {split!r}")
-    if spec == "fashion-mnist":
-        return _fashion_mnist(split)
-    if spec == "digits":
-        return _digits(split)
-    if spec.startswith("imagefolder:"):
-        return _imagefolder(Path(spec.removeprefix("imagefolder:")), split, in_channels or 3)
-    raise IsplitError(f"unknown dataset {spec!r}; use one of: {DATASETS_HELP}")
+
+    name: str
+    folder: Path | None = None
+
+    @classmethod
+    def parse(cls, spec: str, *, root: Path | None = None) -> DatasetRef:
+        """Parse ``spec``. With ``root``, a relative folder is taken under it and a folder that
+        resolves outside it, or does not exist, is refused (``IsplitError``)."""
+        if spec in BUILTIN_CLASSES:
+            return cls(spec)
+        if not spec.startswith("imagefolder:"):
+            raise IsplitError(f"unknown dataset {spec!r}; use one of: {DATASETS_HELP}")
+        folder = Path(spec.removeprefix("imagefolder:"))
+        if root is None:
+            return cls("imagefolder", folder)
+        base = root.resolve()
+        resolved = folder.resolve() if folder.is_absolute() else (base / folder).resolve()
+        if not resolved.is_relative_to(base):
+            raise IsplitError(f"dataset folder {str(folder)!r} is outside the data root {str(base)!r}")
+        if not resolved.is_dir():
+            raise IsplitError(f"dataset folder {str(folder)!r} does not exist under {str(base)!r}")
+        return cls("imagefolder", (root / folder).resolve())
+
+    @property
+    def spec(self) -> str:
+        """The spec string (``imagefolder:<folder>``), as messages and results carry it."""
+        return f"imagefolder:{self.folder}" if self.folder is not None else self.name
+
+    @property
+    def builtin_classes(self) -> list[str] | None:
+        """Class names of a built-in dataset, known without loading it; None for image folders."""
+        names = BUILTIN_CLASSES.get(self.name)
+        return list(names) if names is not None else None
+
+    def load(self, split: str, *, in_channels: int | None = None) -> ImageSet:
+        """The ``split`` ("train" or "test"); ``in_channels`` applies to image folders (default 3),
+        the built-in datasets are grayscale."""
+        if split not in ("train", "test"):
+            raise IsplitError(f"split must be 'train' or 'test', got {split!r}")
+        if self.name == "fashion-mnist":
+            return _fashion_mnist(split)
+        if self.name == "digits":
+            return _digits(split)
+        assert self.folder is not None
+        return _imagefolder(self.folder, split, in_channels or 3)
+
+
+def load_dataset(spec: str, split: str, *, in_channels: int | None = None) -> ImageSet:
+    """Load the ``split`` ("train" or "test") of a dataset given by its spec string."""
+    return DatasetRef.parse(spec).load(split, in_channels=in_channels)
 
 
 def resolve_classes(requested: Sequence[str | int] | None, class_names: Sequence[str]) -> list[int] | None:
@@ -224,7 +273,7 @@ def _digits(split: str) -> ImageSet:
     return ImageSet(
         torch.from_numpy(images[idx])[:, None],
         torch.from_numpy(bunch.target[idx].astype(np.int64)),
-        [str(d) for d in range(10)],
+        list(BUILTIN_CLASSES["digits"]),
     )
 
 

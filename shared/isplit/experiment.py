@@ -29,11 +29,10 @@ import itertools
 import math
 import os
 import platform
-import random
 import shlex
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -55,14 +54,13 @@ from isplit.importance import (
     curve_from_stats,
 )
 from isplit.retrain import retrain_split
-from isplit.stats import kendall, spearman
+from isplit.stats import cut_predictors, kendall, permutation_p, spearman
 from isplit.training import evaluate, pick_device, seed_everything, train_reference_model
 from isplit.zoo import build_model
 
 SCHEMA = "isplit-sweep/1"
 UNTRAINED_GAP = 0.20  # median split accuracy this far below the unsplit model: the budget, not the cut, decided
 SIGNIFICANCE = 0.05  # one-sided permutation p below this counts as evidence of a positive association
-EXACT_PERMUTATIONS_UP_TO = 8  # n! orderings enumerated exactly up to this n (8! = 40,320)
 
 
 # -- the result schema (result.json) --------------------------------------------------------
@@ -277,40 +275,6 @@ def choose_cuts(active: Sequence[str], cuts: Sequence[str] | None, max_cuts: int
     return [active[i] for i in idx]
 
 
-def permutation_p(
-    statistic: Callable[[Sequence[float], Sequence[float]], float | None],
-    x: Sequence[float],
-    y: Sequence[float],
-    *,
-    permutations: int,
-    seed: int,
-) -> float | None:
-    """One-sided p-value of ``statistic(x, y)`` being this large by chance (``y`` shuffled).
-
-    Exact over all orderings for ``len(y) <= 8``; otherwise ``permutations`` seeded random
-    shuffles, with the (hits + 1) / (draws + 1) estimate. None when the statistic is undefined.
-    """
-    observed = statistic(x, y)
-    if observed is None:
-        return None
-    eps = 1e-12  # equal statistics count as hits despite float round-off
-    if len(y) <= EXACT_PERMUTATIONS_UP_TO:
-        hits = total = 0
-        for perm in itertools.permutations(y):
-            value = statistic(x, perm)
-            hits += value is not None and value >= observed - eps
-            total += 1
-        return hits / total
-    rng = random.Random(seed)
-    shuffled = list(y)
-    hits = 0
-    for _ in range(permutations):
-        rng.shuffle(shuffled)
-        value = statistic(x, shuffled)
-        hits += value is not None and value >= observed - eps
-    return (hits + 1) / (permutations + 1)
-
-
 def correlate(predicted: Sequence[float], measured: Sequence[float], *, permutations: int, seed: int) -> Correlation:
     """Spearman and Kendall of ``predicted`` with ``measured``, with permutation p-values."""
     if len(predicted) < 3:
@@ -424,9 +388,8 @@ def size_control(cuts: Sequence[CutMeasurement]) -> SizeControl:
             concordant += 1
         else:
             discordant += 1
-    agreement = (
-        spearman([c.log10_cui for c in cuts], [-float(c.output_bytes) for c in cuts]) if len(cuts) >= 3 else None
-    )
+    predictors = cut_predictors([c.log10_cui for c in cuts], [c.output_bytes for c in cuts])
+    agreement = spearman(predictors["cui"], predictors["size"]) if len(cuts) >= 3 else None
     return SizeControl(
         agreement=agreement, equal_size_pairs=pairs, concordant=concordant, discordant=discordant, tied=tied
     )
@@ -437,9 +400,10 @@ def evaluate_claim(
 ) -> tuple[dict[str, Correlation], Picks]:
     """Correlations of measured accuracy with log10 CUI and with -output_bytes, and the picks."""
     acc = [c.accuracy for c in cuts]
+    predictors = cut_predictors([c.log10_cui for c in cuts], [c.output_bytes for c in cuts])
     correlations = {
-        "cui": correlate([c.log10_cui for c in cuts], acc, permutations=permutations, seed=seed),
-        "size": correlate([-float(c.output_bytes) for c in cuts], acc, permutations=permutations, seed=seed + 2),
+        "cui": correlate(predictors["cui"], acc, permutations=permutations, seed=seed),
+        "size": correlate(predictors["size"], acc, permutations=permutations, seed=seed + 2),
     }
     size_module, size_tied = size_pick(curve)
     oracle = max(cuts, key=lambda c: c.accuracy) if cuts else None

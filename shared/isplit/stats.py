@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Sequence
+import random
+from collections.abc import Callable, Sequence
+
+EXACT_PERMUTATIONS_UP_TO = 8  # n! orderings enumerated exactly up to this n (8! = 40,320)
 
 
 def ranks(values: Sequence[float]) -> list[float]:
@@ -64,3 +68,44 @@ def kendall(x: Sequence[float], y: Sequence[float]) -> float | None:
                 disc += 1
     denom = math.sqrt((conc + disc + tx) * (conc + disc + ty))
     return (conc - disc) / denom if denom else None
+
+
+def cut_predictors(log10_cui: Sequence[float], output_bytes: Sequence[int]) -> dict[str, list[float]]:
+    """The two predictors of a cut's accuracy that isplit compares, each higher = better:
+    ``"cui"`` (log10 CUI at the cut) and ``"size"`` (minus the output bytes at the cut, the
+    architecture-only baseline). Aligned with the inputs."""
+    return {"cui": [float(v) for v in log10_cui], "size": [-float(b) for b in output_bytes]}
+
+
+def permutation_p(
+    statistic: Callable[[Sequence[float], Sequence[float]], float | None],
+    x: Sequence[float],
+    y: Sequence[float],
+    *,
+    permutations: int,
+    seed: int,
+) -> float | None:
+    """One-sided p-value of ``statistic(x, y)`` being this large by chance (``y`` shuffled).
+
+    Exact over all orderings for ``len(y) <= 8``; otherwise ``permutations`` seeded random
+    shuffles, with the (hits + 1) / (draws + 1) estimate. None when the statistic is undefined.
+    """
+    observed = statistic(x, y)
+    if observed is None:
+        return None
+    eps = 1e-12  # equal statistics count as hits despite float round-off
+    if len(y) <= EXACT_PERMUTATIONS_UP_TO:
+        hits = total = 0
+        for perm in itertools.permutations(y):
+            value = statistic(x, perm)
+            hits += value is not None and value >= observed - eps
+            total += 1
+        return hits / total
+    rng = random.Random(seed)
+    shuffled = list(y)
+    hits = 0
+    for _ in range(permutations):
+        rng.shuffle(shuffled)
+        value = statistic(x, shuffled)
+        hits += value is not None and value >= observed - eps
+    return (hits + 1) / (permutations + 1)

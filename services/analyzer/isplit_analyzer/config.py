@@ -6,18 +6,13 @@ from functools import lru_cache
 from pathlib import Path
 
 from pydantic import AliasChoices, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from isplit.bus import Topics
+from isplit.settings import ServiceSettings
 
 
-class Settings(BaseSettings):
+class Settings(ServiceSettings):
     """Read from ``ISPLIT_*`` variables (``DATABASE_URL`` as is)."""
 
-    model_config = SettingsConfigDict(env_prefix="ISPLIT_", extra="ignore")
-
-    kafka_bootstrap: str = "127.0.0.1:9092"
-    artifact_root: Path = Path("var/artifacts")
     data_root: Path = Field(default=Path("var/data"), description="image folders must live under it")
     database_url: str = Field(
         default="",
@@ -31,15 +26,11 @@ class Settings(BaseSettings):
     max_upload_bytes: int = 200 * 1024 * 1024
     publish_retry_seconds: float = 5.0
     results_group: str = "isplit-analyzer"
-    topic_prefix: str = Field(default="", description="namespace for the Kafka topics (shared clusters, tests)")
-
-    def topics(self) -> Topics:
-        return Topics(self.topic_prefix)
 
     def db_url(self) -> str:
+        """The job store's SQLAlchemy URL (the SQLite file's directory is made at start-up)."""
         if self.database_url:
             return self.database_url
-        self.artifact_root.mkdir(parents=True, exist_ok=True)
         return f"sqlite:///{(self.artifact_root / 'analyzer.sqlite').resolve()}"
 
 

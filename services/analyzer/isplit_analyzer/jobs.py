@@ -22,16 +22,12 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from isplit import IsplitError
+from isplit.analysis import AnalysisResult, split_candidates
 from isplit.bus import ensure_topics, make_producer, publish
-from isplit.messages import (
-    BottleneckSpec,
-    DatasetSpec,
-    ModelSpec,
-    SplitCandidate,
-    candidate_id_for,
-)
+from isplit.messages import DatasetSpec, ModelSpec, SplitCandidate
 from isplit_analyzer import metrics
 from isplit_analyzer.config import Settings
+from isplit_analyzer.schemas import AcceptedAnalysis
 from isplit_analyzer.store import (
     ANALYSED,
     FAILED,
@@ -52,6 +48,10 @@ def new_job_id() -> str:
     return "a-" + uuid.uuid4().hex[:12]
 
 
+def new_model_id() -> str:
+    return "m-" + uuid.uuid4().hex[:12]
+
+
 def model_path(artifact_root: Path, model_id: str) -> Path:
     return artifact_root / "models" / f"{model_id}.pt"
 
@@ -68,7 +68,6 @@ class ChildArgs:
     job_id: str
     db_url: str
     artifact_root: str
-    data_root: str
     device: str
 
 
@@ -80,7 +79,7 @@ def run_analysis_job(args: ChildArgs) -> None:
     with sessions() as s:
         job = s.get(Job, args.job_id)
         assert job is not None
-        req = dict(job.request)
+        req = AcceptedAnalysis.model_validate(job.request)
     last = [0.0]
 
     def progress(done: int) -> None:
@@ -95,15 +94,14 @@ def run_analysis_job(args: ChildArgs) -> None:
     try:
         from isplit.analysis import run_analysis, write_report
 
-        opts = req["options"]
         result = run_analysis(
-            model_path(root, req["model_id"]),
-            req["dataset"],
-            arch=req.get("arch"),
-            classes=req.get("classes"),
-            max_images=opts["max_images"],
-            batch_size=opts["batch_size"],
-            target=opts["target"],
+            model_path(root, req.model_id),
+            req.dataset,
+            arch=req.arch,
+            classes=req.classes,
+            max_images=req.options.max_images,
+            batch_size=req.options.batch_size,
+            target=req.options.target,
             device=args.device,
             progress=progress,
         )
@@ -136,64 +134,40 @@ def _fail(sessions: sessionmaker[Session], job_id: str, message: str) -> None:
         s.execute(update(Job).where(Job.id == job_id, Job.status == RUNNING).values(status=FAILED, error=message))
 
 
-def _candidate_rows(job_id: str, req: dict[str, Any], result: Any) -> list[CandidateRow]:
-    opts = req["options"]
+def _candidate_rows(job_id: str, req: AcceptedAnalysis, result: AnalysisResult) -> list[CandidateRow]:
     info = result.model
-    curve = result.curve
-    spec = ModelSpec(
+    model = ModelSpec(
         arch=info.arch,
         num_classes=info.num_classes,
         in_channels=info.in_channels,
         input_size=info.input_size,
-        weights_uri=f"models/{req['model_id']}.pt",
-        weights_sha256=req.get("weights_sha256"),
+        weights_uri=f"models/{req.model_id}.pt",
+        weights_sha256=req.weights_sha256,
     )
     dataset = DatasetSpec(
-        name=req["dataset"],
+        name=req.dataset,
         classes=result.classes,
-        max_train_images=opts.get("max_train_images"),
-        max_test_images=opts.get("max_test_images"),
+        max_train_images=req.options.max_train_images,
+        max_test_images=req.options.max_test_images,
     )
-    bottleneck = BottleneckSpec(
-        compression_ratio=opts["compression_ratio"],
-        epochs=opts["epochs"],
-        lr=opts["lr"],
-        batch_size=opts["train_batch_size"],
-        finetune_tail=opts["finetune_tail"],
+    candidates = split_candidates(
+        result, job_id, model=model, dataset=dataset, bottleneck=req.options.bottleneck(), top_k=req.options.top_k
     )
-    rows = []
-    for rank, cut in enumerate(result.ranking[: opts["top_k"]], start=1):
-        point = curve.point(cut)
-        msg = SplitCandidate(
+    return [
+        CandidateRow(
+            candidate_id=msg.candidate_id,
             analysis_id=job_id,
-            candidate_id=candidate_id_for(job_id, cut),
-            model=spec,
-            dataset=dataset,
-            cut=cut,
-            predicted_rank=rank,
-            cui=point.cui,
-            log10_cui=point.log10_cui,
-            size_rank=curve.size_ranking.index(cut) + 1,
-            output_shape=point.output_shape,
-            output_bytes=point.output_bytes,
-            target=curve.target,
-            bottleneck=bottleneck,
+            cut=msg.cut,
+            predicted_rank=msg.predicted_rank,
+            size_rank=msg.size_rank,
+            cui=msg.cui,
+            log10_cui=msg.log10_cui,
+            output_bytes=msg.output_bytes,
+            message=msg.model_dump_json(),
+            published=False,
         )
-        rows.append(
-            CandidateRow(
-                candidate_id=msg.candidate_id,
-                analysis_id=job_id,
-                cut=cut,
-                predicted_rank=rank,
-                size_rank=msg.size_rank,
-                cui=point.cui,
-                log10_cui=point.log10_cui,
-                output_bytes=point.output_bytes,
-                message=msg.model_dump_json(),
-                published=False,
-            )
-        )
-    return rows
+        for msg in candidates
+    ]
 
 
 # -- the runner in the service process -------------------------------------------------------
@@ -246,9 +220,6 @@ class JobRunner:
             proc.join(timeout=5)
             metrics.IN_PROGRESS.dec()
 
-    def producer_ok(self) -> bool:
-        return self._producer is not None
-
     # the loop
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -278,7 +249,6 @@ class JobRunner:
                 job_id,
                 self.db_url,
                 str(self.settings.artifact_root.resolve()),
-                str(self.settings.data_root),
                 self.settings.analyzer_device,
             )
             proc = self._ctx.Process(target=run_analysis_job, args=(args,), name=f"analysis-{job_id}", daemon=True)

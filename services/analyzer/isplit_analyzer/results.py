@@ -39,7 +39,6 @@ class ResultsConsumer:
         self.sessions = sessions
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.connected = False
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="results-consumer", daemon=True)
@@ -58,7 +57,6 @@ class ResultsConsumer:
                 if consumer is None:
                     consumer = make_consumer(self.bootstrap, self.group, [self.topics.results])
                     producer = make_producer(self.bootstrap, client_id="isplit-analyzer-dlq")
-                    self.connected = True
                 batch = consumer.poll(timeout_ms=500)
                 for records in batch.values():
                     for record in records:
@@ -67,7 +65,6 @@ class ResultsConsumer:
                     consumer.commit()
             except Exception as exc:  # broker gone: reconnect after a pause
                 log.warning("results consumer: %s; reconnecting", exc)
-                self.connected = False
                 for client in (consumer, producer):
                     if client is not None:
                         with contextlib.suppress(Exception):

@@ -7,8 +7,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from isplit.messages import BottleneckSpec
+
+Status = Literal["queued", "running", "analysed", "succeeded", "failed", "cancelled"]
+
 
 class AnalysisOptions(BaseModel):
+    """How much to analyse, and the bottleneck budget of the published candidates."""
+
     model_config = ConfigDict(extra="forbid")
 
     max_images: int = Field(default=1000, ge=1, le=200_000, description="images analysed (stratified slice)")
@@ -23,6 +29,17 @@ class AnalysisOptions(BaseModel):
     max_train_images: int | None = Field(default=None, ge=1)
     max_test_images: int | None = Field(default=None, ge=1)
 
+    def bottleneck(self) -> BottleneckSpec:
+        """The bottleneck budget these options give each candidate (the API spells the
+        training batch size ``train_batch_size``, beside the analysis ``batch_size``)."""
+        return BottleneckSpec(
+            compression_ratio=self.compression_ratio,
+            epochs=self.epochs,
+            lr=self.lr,
+            batch_size=self.train_batch_size,
+            finetune_tail=self.finetune_tail,
+        )
+
 
 class AnalysisRequest(BaseModel):
     """Submit an analysis of an uploaded model (``POST /v1/models`` gives the ``model_id``)."""
@@ -36,6 +53,24 @@ class AnalysisRequest(BaseModel):
     options: AnalysisOptions = Field(default_factory=AnalysisOptions)
 
 
+class AcceptedAnalysis(AnalysisRequest):
+    """A request as the job stores it and its analysis process reads it: the dataset spec
+    resolved (image folders as absolute paths under the data root), classes as label indices,
+    and the checksum of the weights analysed."""
+
+    classes: list[int] | None = Field(default=None, description="label indices; null = all")
+    weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    status: Literal["ready"]
+    checks: dict[str, bool] = Field(description="dependency -> reachable")
+
+
 class Accepted(BaseModel):
     id: str
     status: str
@@ -46,6 +81,34 @@ class Progress(BaseModel):
     images_done: int
     images_total: int
     fraction: float
+
+
+class PointView(BaseModel):
+    """One cut point of the curve."""
+
+    module: str
+    kind: str
+    skipped: bool
+    log10_cui: float
+    cui: float
+    output_shape: list[int]
+    output_bytes: int
+
+
+class AnalysisSummary(BaseModel):
+    """The curve and candidates of a finished analysis (the full report is ``result.json``)."""
+
+    best: str
+    candidates: list[str]
+    ranking: list[str] = Field(description="the recommended cut first, then the other local maxima")
+    size_ranking: list[str] = Field(description="smallest output first (the size baseline)")
+    target: Literal["label", "predicted"]
+    classes: list[int] | None
+    num_images: int
+    seconds: float
+    images_per_second: float
+    points: list[PointView]
+    per_class_best: dict[str, str] = Field(description="class index -> that class's best cut")
 
 
 class CandidateView(BaseModel):
@@ -68,13 +131,13 @@ class Correlation(BaseModel):
 
 class AnalysisView(BaseModel):
     id: str
-    status: Literal["queued", "running", "analysed", "succeeded", "failed", "cancelled"]
+    status: Status
     progress: Progress
     request: dict[str, Any]
     error: str | None
     created_at: datetime
     updated_at: datetime
-    result: dict[str, Any] | None = None
+    result: AnalysisSummary | None = None
     candidates: list[CandidateView] = []
     correlation: Correlation | None = None
     plot_url: str | None = None

@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import socket
+from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from isplit.bus import Topics
+from isplit.settings import ServiceSettings
 
 
-class Settings(BaseSettings):
+class Settings(ServiceSettings):
     """Read from ``ISPLIT_*`` variables."""
 
-    model_config = SettingsConfigDict(env_prefix="ISPLIT_", extra="ignore")
-
-    kafka_bootstrap: str = "127.0.0.1:9092"
-    artifact_root: Path = Path("var/artifacts")
     torchserve_management_url: str = Field(default="http://127.0.0.1:8081", description="empty = do not register")
     torchserve_inference_url: str = "http://127.0.0.1:8080"
     torchserve_model_store: Path | None = Field(default=None, description="default: <artifact_root>/model-store")
@@ -26,7 +22,6 @@ class Settings(BaseSettings):
     trainer_executor: Literal["inline", "kubernetes"] = "inline"
     trainer_device: str = "auto"
     trainer_group: str = "isplit-trainer"
-    topic_prefix: str = Field(default="", description="namespace for the Kafka topics (shared clusters, tests)")
     trainer_id: str = Field(default_factory=socket.gethostname)
     trainer_max_train_images: int | None = Field(default=None, description="cap when the candidate sets none")
     tail_batch_size: int = 16
@@ -36,8 +31,10 @@ class Settings(BaseSettings):
         default="", description="kubernetes executor: the Job template JSON (see k8s_executor.JobTemplate)"
     )
 
-    def topics(self) -> Topics:
-        return Topics(self.topic_prefix)
-
     def model_store(self) -> Path:
         return self.torchserve_model_store or self.artifact_root / "model-store"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

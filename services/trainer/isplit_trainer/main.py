@@ -11,7 +11,7 @@ import sys
 from prometheus_client import start_http_server
 
 from isplit.messages import MessageError, SplitCandidate, decode
-from isplit_trainer.config import Settings
+from isplit_trainer.config import Settings, get_settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", nargs="?", default="serve", choices=["serve", "train-candidate"])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = Settings()
+    settings = get_settings()
     if args.command == "train-candidate":
         return train_one(settings)
     from isplit_trainer.consumer import TrainerLoop

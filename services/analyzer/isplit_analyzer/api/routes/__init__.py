@@ -1,0 +1,1 @@
+"""One module per resource; each route validates, delegates and answers a typed response."""

@@ -1,0 +1,130 @@
+"""Analysis jobs: submit, read, list, plot and cancel, under ``/v1/analyses``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter, HTTPException, Query
+from fastapi.responses import FileResponse, JSONResponse
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from isplit.data import DatasetRef, resolve_classes
+from isplit_analyzer import metrics
+from isplit_analyzer.api.deps import RunnerDep, SessionDep, SettingsDep
+from isplit_analyzer.jobs import new_job_id, report_dir
+from isplit_analyzer.schemas import Accepted, AcceptedAnalysis, AnalysisPage, AnalysisRequest, AnalysisView
+from isplit_analyzer.store import CANCELLED, FINAL, QUEUED, RUNNING, Job, ModelRecord, candidate_rows
+from isplit_analyzer.views import analysis_view
+
+router = APIRouter(prefix="/v1/analyses", tags=["analyses"])
+NOT_FOUND = {404: {"description": "no such analysis"}}
+
+
+def _job_or_404(session: Session, analysis_id: str) -> Job:
+    job = session.get(Job, analysis_id)
+    if job is None:
+        raise HTTPException(404, f"analysis {analysis_id!r} not found")
+    return job
+
+
+def accept(req: AnalysisRequest, model: ModelRecord | None, data_root: Path) -> AcceptedAnalysis:
+    """Check ``req`` against the uploaded model and the data root; the request as the job
+    stores it. Raises ``HTTPException`` 422 or ``IsplitError`` naming the bad value."""
+    if model is None:
+        raise HTTPException(422, f"model_id {req.model_id!r} not found; upload weights with POST /v1/models")
+    if req.arch is not None and req.arch != model.arch:
+        raise HTTPException(422, f"arch {req.arch!r} does not match the uploaded model ({model.arch!r})")
+    dataset = DatasetRef.parse(req.dataset, root=data_root)
+    known = dataset.builtin_classes
+    if known is not None and len(known) != model.info["num_classes"]:
+        raise HTTPException(
+            422, f"dataset {req.dataset!r} has {len(known)} classes, the model has {model.info['num_classes']}"
+        )
+    return AcceptedAnalysis(
+        **{
+            **req.model_dump(),
+            "dataset": dataset.spec,
+            "classes": resolve_classes(req.classes, model.info["class_names"]),
+            "weights_sha256": model.sha256,
+        }
+    )
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=Accepted,
+    responses={422: {"description": "bad model, dataset, class list or options"}},
+)
+def submit_analysis(req: AnalysisRequest, settings: SettingsDep, session: SessionDep) -> JSONResponse:
+    """Queue an analysis; poll the returned status URL."""
+    accepted = accept(req, session.get(ModelRecord, req.model_id), settings.data_root)
+    job = Job(
+        id=new_job_id(), status=QUEUED, request=accepted.model_dump(mode="json"), images_total=req.options.max_images
+    )
+    session.add(job)
+    session.commit()
+    metrics.JOBS.labels(QUEUED).inc()
+    url = f"/v1/analyses/{job.id}"
+    body = Accepted(id=job.id, status=job.status, status_url=url)
+    return JSONResponse(body.model_dump(), status_code=202, headers={"Location": url})
+
+
+@router.get("/{analysis_id}", response_model=AnalysisView, responses=NOT_FOUND)
+def get_analysis(analysis_id: str, settings: SettingsDep, session: SessionDep) -> AnalysisView:
+    """Status, progress, result, candidates and their measurements."""
+    job = _job_or_404(session, analysis_id)
+    return analysis_view(job, candidate_rows(session, analysis_id), settings.artifact_root, full=True)
+
+
+@router.get("", response_model=AnalysisPage)
+def list_analyses(
+    settings: SettingsDep,
+    session: SessionDep,
+    limit: int = Query(20, ge=1, le=200),
+    offset: int = Query(0, ge=0, le=1_000_000),
+    status: str | None = Query(None, pattern="^(queued|running|analysed|succeeded|failed|cancelled)$"),
+) -> AnalysisPage:
+    """Newest first, paginated."""
+    q = select(Job)
+    count = select(func.count()).select_from(Job)
+    if status:
+        q, count = q.where(Job.status == status), count.where(Job.status == status)
+    jobs = session.scalars(q.order_by(Job.created_at.desc()).limit(limit).offset(offset)).all()
+    items = [analysis_view(j, candidate_rows(session, j.id), settings.artifact_root, full=False) for j in jobs]
+    return AnalysisPage(items=items, total=session.scalar(count) or 0, limit=limit, offset=offset)
+
+
+@router.get(
+    "/{analysis_id}/plot.png",
+    response_class=FileResponse,
+    responses={200: {"content": {"image/png": {}}}, **NOT_FOUND, 409: {"description": "not analysed yet"}},
+)
+def get_plot(analysis_id: str, settings: SettingsDep, session: SessionDep) -> FileResponse:
+    """The CUI curve beside the size curve, candidates marked."""
+    job = _job_or_404(session, analysis_id)
+    path = report_dir(settings.artifact_root, job.id) / "curve.png"
+    if not path.exists():
+        raise HTTPException(409, f"analysis {analysis_id!r} has no plot yet (status {job.status})")
+    return FileResponse(path, media_type="image/png")
+
+
+@router.delete(
+    "/{analysis_id}",
+    response_model=AnalysisView,
+    responses={**NOT_FOUND, 409: {"description": "already finished, or publishing"}},
+)
+def cancel_analysis(analysis_id: str, settings: SettingsDep, session: SessionDep, runner: RunnerDep) -> AnalysisView:
+    """Cancel a queued or running analysis (409 once it has finished)."""
+    job = _job_or_404(session, analysis_id)
+    if job.status in FINAL:
+        raise HTTPException(409, f"analysis {analysis_id!r} already {job.status}")
+    if job.status not in (QUEUED, RUNNING):
+        raise HTTPException(409, f"analysis {analysis_id!r} is publishing its candidates and cannot be cancelled")
+    job.status = CANCELLED
+    job.error = "cancelled by request"
+    session.commit()
+    runner.cancel(analysis_id)
+    metrics.JOBS.labels(CANCELLED).inc()
+    return analysis_view(job, candidate_rows(session, analysis_id), settings.artifact_root, full=False)

@@ -1,0 +1,108 @@
+"""Stored jobs, candidates and models as the API shows them (storage models -> schemas)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from isplit.stats import cut_predictors, spearman
+from isplit_analyzer.jobs import report_dir
+from isplit_analyzer.schemas import (
+    AnalysisSummary,
+    AnalysisView,
+    CandidateView,
+    Correlation,
+    ModelView,
+    PointView,
+    Progress,
+)
+from isplit_analyzer.store import CandidateRow, Job, ModelRecord
+
+
+def model_view(rec: ModelRecord) -> ModelView:
+    info = rec.info
+    return ModelView(
+        model_id=rec.id,
+        arch=rec.arch,
+        sha256=rec.sha256,
+        size_bytes=rec.size_bytes,
+        num_classes=info["num_classes"],
+        in_channels=info["in_channels"],
+        input_size=info["input_size"],
+        class_names=info["class_names"],
+        test_accuracy=info.get("test_accuracy"),
+    )
+
+
+def summary(report: dict) -> AnalysisSummary:
+    """The API's summary of an analysis report (``result.json`` as a dict)."""
+    curve = report["curve"]
+    return AnalysisSummary(
+        best=curve["best"],
+        candidates=curve["candidates"],
+        ranking=report["ranking"],
+        size_ranking=curve["size_ranking"],
+        target=curve["target"],
+        classes=report["classes"],
+        num_images=curve["num_images"],
+        seconds=report["seconds"],
+        images_per_second=report["images_per_second"],
+        points=[PointView.model_validate(p) for p in curve["points"]],
+        per_class_best={k: v["best"] for k, v in curve["per_class"].items()},
+    )
+
+
+def correlation(rows: list[CandidateRow]) -> Correlation | None:
+    """Spearman of measured split accuracy with each predictor, over the measured candidates."""
+    measured = [r for r in rows if r.result and r.result.get("accuracy_split") is not None]
+    if not measured:
+        return None
+    if len(measured) < 2:
+        return Correlation(measured=len(measured), spearman_cui=None, spearman_size=None)
+    accuracy = [r.result["accuracy_split"] for r in measured]  # type: ignore[index]
+    predictors = cut_predictors([r.log10_cui for r in measured], [r.output_bytes for r in measured])
+    return Correlation(
+        measured=len(measured),
+        spearman_cui=spearman(accuracy, predictors["cui"]),
+        spearman_size=spearman(accuracy, predictors["size"]),
+    )
+
+
+def candidate_view(row: CandidateRow) -> CandidateView:
+    return CandidateView(
+        candidate_id=row.candidate_id,
+        cut=row.cut,
+        predicted_rank=row.predicted_rank,
+        size_rank=row.size_rank,
+        cui=row.cui,
+        log10_cui=row.log10_cui,
+        output_bytes=row.output_bytes,
+        published=row.published,
+        measured=row.result,
+    )
+
+
+def analysis_view(job: Job, rows: list[CandidateRow], artifact_root: Path, full: bool) -> AnalysisView:
+    """A job as ``GET /v1/analyses/{id}`` shows it; ``full`` adds the result and correlation."""
+    result = plot_url = None
+    report = report_dir(artifact_root, job.id) / "result.json"
+    if full and report.exists():
+        result = summary(json.loads(report.read_text()))
+        plot_url = f"/v1/analyses/{job.id}/plot.png"
+    return AnalysisView(
+        id=job.id,
+        status=job.status,  # type: ignore[arg-type]
+        progress=Progress(
+            images_done=job.images_done,
+            images_total=job.images_total,
+            fraction=min(1.0, job.images_done / max(job.images_total, 1)),
+        ),
+        request=job.request,
+        error=job.error,
+        created_at=job.created_at,
+        updated_at=job.updated_at,
+        result=result,
+        candidates=[candidate_view(r) for r in rows],
+        correlation=correlation(rows) if full else None,
+        plot_url=plot_url,
+    )
