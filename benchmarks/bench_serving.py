@@ -71,6 +71,7 @@ from isplit import wire
 from isplit.checkpoint import ModelInfo, load_model, save_checkpoint
 from isplit.data import ImageSet, load_dataset, to_model_input
 from isplit.export import export_pair
+from isplit.messages import BottleneckSpec
 from isplit.retrain import retrain_split
 from isplit.training import evaluate, train_classifier
 from isplit.zoo import build_model
@@ -545,8 +546,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     train, test = load_dataset("fashion-mnist", "train"), load_dataset("fashion-mnist", "test")
     model, info, checkpoint = reference_model(args, train, test)
     log(f"retraining a bottleneck at {args.cut} (ratio {args.ratio}, {args.bottleneck_epochs} epochs) ...")
-    outcome = retrain_split(model, info, args.cut, train.subset(None, args.train_images), test,
-                            ratio=args.ratio, epochs=args.bottleneck_epochs, lr=5e-3, batch_size=64)  # fmt: skip
+    budget = BottleneckSpec(compression_ratio=args.ratio, epochs=args.bottleneck_epochs, lr=5e-3, batch_size=64)
+    outcome = retrain_split(model, info, args.cut, train.subset(None, args.train_images), test, budget)
     pair = outcome.pair
     code_shape = tuple(pair.code_shape)
     image_shape = tuple(test.images.shape[1:])

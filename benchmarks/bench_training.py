@@ -18,6 +18,7 @@ import torch
 from isplit.checkpoint import ModelInfo
 from isplit.cuts import find_cut_points
 from isplit.data import load_dataset
+from isplit.messages import BottleneckSpec
 from isplit.retrain import retrain_split
 from isplit.training import train_classifier
 from isplit.zoo import build_model
@@ -49,7 +50,8 @@ def main() -> None:
         points = [p for p in find_cut_points(model.cpu(), (1, args.input_size, args.input_size)) if not p.skipped]
         cut = args.cut or points[len(points) // 2].module
         start = time.perf_counter()
-        out = retrain_split(model, info, cut, train, test, ratio=4, epochs=1, lr=5e-3, batch_size=args.batch_size,
+        out = retrain_split(model, info, cut, train, test,
+                            BottleneckSpec(compression_ratio=4, epochs=1, lr=5e-3, batch_size=args.batch_size),
                             device=dev)  # fmt: skip
         rows.append({
             "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",

@@ -30,6 +30,7 @@ from isplit.cli import main
 from isplit.data import load_dataset
 from isplit.edge import EdgeClient
 from isplit.export import export_pair
+from isplit.messages import BottleneckSpec
 from isplit.retrain import retrain_split
 
 pytestmark = pytest.mark.torchserve
@@ -63,7 +64,9 @@ def served_pair(torchserve, digits_checkpoint: Path, tmp_path_factory: pytest.Te
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model on a shared 2-core machine: 2 threads contend (10x slower)
     try:
-        outcome = retrain_split(model, info, CUT, train, test.subset(None, 100), epochs=2, lr=1e-2, batch_size=32)
+        outcome = retrain_split(
+            model, info, CUT, train, test.subset(None, 100), BottleneckSpec(epochs=2, lr=1e-2, batch_size=32)
+        )
     finally:
         torch.set_num_threads(threads)
     name = f"isplit-test-edge-{uuid.uuid4().hex[:8]}"

@@ -25,6 +25,7 @@ from isplit.experiment import (
     verdict,
 )
 from isplit.importance import ImportanceStats, curve_from_stats
+from isplit.messages import BottleneckSpec
 from isplit.retrain import retrain_split
 from isplit.stats import kendall, spearman
 from isplit.zoo import build_model
@@ -195,7 +196,7 @@ def test_retraining_a_cut_leaves_the_reference_model_unchanged():
     data = load_dataset("digits", "test").subset(None, 64)
     cut = next(p.module for p in find_cut_points(model, (1, 32, 32)) if not p.skipped)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    retrain_split(model, info, cut, data, data, epochs=1, batch_size=32)
+    retrain_split(model, info, cut, data, data, BottleneckSpec(epochs=1, batch_size=32))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not any(m.training for m in model.modules())
 

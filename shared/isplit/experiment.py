@@ -53,6 +53,7 @@ from isplit.importance import (
     accumulate_importance,
     curve_from_stats,
 )
+from isplit.messages import BottleneckSpec
 from isplit.retrain import retrain_split
 from isplit.stats import cut_predictors, kendall, permutation_p, spearman
 from isplit.training import evaluate, pick_device, seed_everything, train_reference_model
@@ -97,6 +98,17 @@ class SweepConfig(BaseModel):
     permutations: int = 10000
     device: str = "auto"
     seed: int = 0
+
+    def bottleneck(self) -> BottleneckSpec:
+        """The bottleneck budget of every cut this sweep measures (the fields are spelled with
+        a ``_bottleneck`` suffix here, as recorded in ``result.json``)."""
+        return BottleneckSpec(
+            compression_ratio=self.ratio,
+            epochs=self.epochs_bottleneck,
+            lr=self.lr_bottleneck,
+            batch_size=self.batch_size_bottleneck,
+            seed=self.seed,
+        )
 
 
 class Machine(BaseModel):
@@ -729,11 +741,7 @@ def _measure_cut(
         module,
         fit,
         test,
-        ratio=cfg.ratio,
-        epochs=cfg.epochs_bottleneck,
-        lr=cfg.lr_bottleneck,
-        batch_size=cfg.batch_size_bottleneck,
-        seed=cfg.seed,
+        cfg.bottleneck(),
         device=device,
     )
     split = nn.Sequential(outcome.pair.head, outcome.pair.tail).eval()
@@ -798,12 +806,8 @@ def _measure_subset(
             module,
             fit_subset,
             test_subset,
-            ratio=cfg.ratio,
-            epochs=cfg.epochs_bottleneck,
-            lr=cfg.lr_bottleneck,
-            batch_size=cfg.batch_size_bottleneck,
+            cfg.bottleneck(),
             classes=classes,
-            seed=cfg.seed,
             device=device,
         )
         budget.record((time.perf_counter() - job) / max(share, 1e-9))

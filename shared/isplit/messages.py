@@ -122,7 +122,11 @@ class DatasetSpec(BaseModel):
 
 
 class BottleneckSpec(BaseModel):
-    """How the trainer builds and trains the bottleneck inserted at the cut."""
+    """The bottleneck budget: how the bottleneck inserted at a cut is built and trained.
+
+    One type for the API (``AnalysisOptions.bottleneck()``), the candidate message, the
+    retrainer (``isplit.retrain.retrain_split``) and the sweep (``SweepConfig.bottleneck()``).
+    """
 
     model_config = ConfigDict(extra="ignore")
 
@@ -178,6 +182,18 @@ class TrainingResult(WireMessage):
     model_name: str | None = None
     inference_url: str | None = None
     trainer_id: str | None = None
+
+    @classmethod
+    def failure(cls, candidate: SplitCandidate, error: str, trainer_id: str | None = None) -> TrainingResult:
+        """The failed result of ``candidate``, with the reason."""
+        return cls(
+            analysis_id=candidate.analysis_id,
+            candidate_id=candidate.candidate_id,
+            cut=candidate.cut,
+            status="failed",
+            error=error,
+            trainer_id=trainer_id,
+        )
 
     @model_validator(mode="after")
     def _failure_has_reason(self) -> TrainingResult:

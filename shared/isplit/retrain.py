@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,7 @@ from isplit.bottleneck import make_bottleneck
 from isplit.checkpoint import ModelInfo
 from isplit.cuts import find_cut_points, split_at
 from isplit.data import ImageSet
+from isplit.messages import BottleneckSpec, SplitCandidate, TrainingResult
 from isplit.training import evaluate, seed_everything
 from isplit.wire import payload_nbytes
 
@@ -121,26 +123,31 @@ def retrain_split(
     cut: str,
     train: ImageSet,
     test: ImageSet,
+    budget: BottleneckSpec | None = None,
     *,
-    ratio: int = 4,
-    epochs: int = 2,
-    lr: float = 5e-3,
-    batch_size: int = 64,
-    finetune_tail: bool = False,
     classes: Sequence[int] | None = None,
-    seed: int = 0,
     device: torch.device | str = "cpu",
     progress: bool = False,
     on_step: Callable[[int, float, float], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> RetrainOutcome:
-    """Insert a bottleneck at ``cut`` of the trained ``model``, train it, measure.
+    """Insert a bottleneck at ``cut`` of the trained ``model``, train it within ``budget``
+    (compression ratio, epochs, learning rate, batch size, tail fine-tuning, seed; the
+    defaults of :class:`~isplit.messages.BottleneckSpec` when None), measure.
 
     ``train``/``test`` hold all classes; with ``classes`` the bottleneck trains on those
     classes' images and subset accuracies are reported too. ``on_step(epoch, loss,
     samples_per_second)`` is called every few batches; ``should_stop()`` returning True
     abandons the work (``Abandoned``).
     """
+    budget = budget or BottleneckSpec()
+    ratio, epochs, lr, batch_size, seed = (
+        budget.compression_ratio,
+        budget.epochs,
+        budget.lr,
+        budget.batch_size,
+        budget.seed,
+    )
     device = torch.device(device)
     seed_everything(seed)
     points = {p.module: p for p in find_cut_points(model, (info.in_channels, info.input_size, info.input_size))}
@@ -195,7 +202,7 @@ def retrain_split(
             if on_step is not None and step % 5 == 0:
                 on_step(epoch + 1, losses[-1], seen / max(time.perf_counter() - start, 1e-9))
     bar.close()
-    if finetune_tail:
+    if budget.finetune_tail:
         _finetune_tail(tail, bottleneck, head, batches(fit_set, True, seed + 99), lr / 10, device, should_stop)
     training_seconds = time.perf_counter() - start
     bottleneck.eval()
@@ -226,6 +233,28 @@ def retrain_split(
         losses=losses,
     )
     return outcome
+
+
+def training_result(candidate: SplitCandidate, outcome: RetrainOutcome, **fields: Any) -> TrainingResult:
+    """The succeeded result of ``candidate`` from what the retrainer measured; ``fields`` are
+    the rest of the result (artifact URIs, model name, trainer id)."""
+    return TrainingResult(
+        analysis_id=candidate.analysis_id,
+        candidate_id=candidate.candidate_id,
+        cut=candidate.cut,
+        status="succeeded",
+        accuracy_original=outcome.accuracy_original,
+        accuracy_split=outcome.accuracy_split,
+        accuracy_original_subset=outcome.accuracy_original_subset,
+        accuracy_split_subset=outcome.accuracy_split_subset,
+        bytes_per_image=outcome.bytes_per_image,
+        head_params=outcome.head_params,
+        tail_params=outcome.tail_params,
+        head_flops=outcome.head_flops,
+        tail_flops=outcome.tail_flops,
+        training_seconds=outcome.training_seconds,
+        **fields,
+    )
 
 
 def _finetune_tail(

@@ -22,7 +22,7 @@ from isplit.retrain import Abandoned
 from isplit_trainer import metrics
 from isplit_trainer.config import Settings
 from isplit_trainer.executors import Executor, make_executor
-from isplit_trainer.pipeline import CandidateError, candidate_dir, existing_result
+from isplit_trainer.pipeline import CandidateError, existing_result, write_result
 
 log = logging.getLogger("isplit.trainer")
 COMMIT, RETRY, ABANDON = "commit", "retry", "abandon"
@@ -78,17 +78,8 @@ class TrainerLoop:
         return COMMIT
 
     def _publish_failure(self, candidate: SplitCandidate, reason: str) -> None:
-        result = TrainingResult(
-            analysis_id=candidate.analysis_id,
-            candidate_id=candidate.candidate_id,
-            cut=candidate.cut,
-            status="failed",
-            error=reason,
-            trainer_id=self.settings.trainer_id,
-        )
-        out = candidate_dir(self.settings, candidate.candidate_id)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "result.json").write_text(result.model_dump_json(indent=1))
+        result = TrainingResult.failure(candidate, reason, self.settings.trainer_id)
+        write_result(self.settings, result)
         publish(self._producer, self.topics.results, candidate.analysis_id, result)
 
     def _safe_handle(self, record: Any) -> str:

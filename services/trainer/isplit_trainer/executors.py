@@ -45,14 +45,8 @@ class KubernetesJobExecutor:
         result = existing_result(self.settings, candidate.candidate_id)
         if result is not None:
             return result
-        return TrainingResult(
-            analysis_id=candidate.analysis_id,
-            candidate_id=candidate.candidate_id,
-            cut=candidate.cut,
-            status="failed",
-            error=f"training Job {outcome.job_name} {outcome.status}: {outcome.reason} {outcome.message}".strip(),
-            trainer_id=self.settings.trainer_id,
-        )
+        reason = f"training Job {outcome.job_name} {outcome.status}: {outcome.reason} {outcome.message}".strip()
+        return TrainingResult.failure(candidate, reason, self.settings.trainer_id)
 
 
 def make_executor(settings: Settings) -> Executor:

@@ -21,7 +21,7 @@ from isplit.checkpoint import load_model
 from isplit.data import load_dataset
 from isplit.export import export_pair
 from isplit.messages import SplitCandidate, TrainingResult
-from isplit.retrain import retrain_split
+from isplit.retrain import retrain_split, training_result
 from isplit.training import pick_device
 from isplit_trainer import metrics
 from isplit_trainer.config import Settings
@@ -49,10 +49,13 @@ def existing_result(settings: Settings, candidate_id: str) -> TrainingResult | N
     return None
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def write_result(settings: Settings, result: TrainingResult) -> None:
+    """Write the candidate's ``result.json`` atomically (it marks the candidate done)."""
+    out = candidate_dir(settings, result.candidate_id)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "result.json.tmp"
+    tmp.write_text(result.model_dump_json(indent=1))
+    os.replace(tmp, out / "result.json")
 
 
 def train_candidate(
@@ -75,7 +78,6 @@ def train_candidate(
         train = train.subset(None, cap)
     if candidate.dataset.max_test_images:
         test = test.subset(None, candidate.dataset.max_test_images)
-    spec = candidate.bottleneck
     device = pick_device(settings.trainer_device)
 
     def on_step(epoch: int, loss: float, sps: float) -> None:
@@ -93,13 +95,8 @@ def train_candidate(
             candidate.cut,
             train,
             test,
-            ratio=spec.compression_ratio,
-            epochs=spec.epochs,
-            lr=spec.lr,
-            batch_size=spec.batch_size,
-            finetune_tail=spec.finetune_tail,
+            candidate.bottleneck,
             classes=candidate.dataset.classes,
-            seed=spec.seed,
             device=device,
             on_step=on_step,
             should_stop=should_stop,
@@ -118,21 +115,9 @@ def train_candidate(
             "dataset": candidate.dataset.name,
         },
     )
-    result = TrainingResult(
-        analysis_id=candidate.analysis_id,
-        candidate_id=candidate.candidate_id,
-        cut=candidate.cut,
-        status="succeeded",
-        accuracy_original=outcome.accuracy_original,
-        accuracy_split=outcome.accuracy_split,
-        accuracy_original_subset=outcome.accuracy_original_subset,
-        accuracy_split_subset=outcome.accuracy_split_subset,
-        bytes_per_image=outcome.bytes_per_image,
-        head_params=outcome.head_params,
-        tail_params=outcome.tail_params,
-        head_flops=outcome.head_flops,
-        tail_flops=outcome.tail_flops,
-        training_seconds=outcome.training_seconds,
+    result = training_result(
+        candidate,
+        outcome,
         head_uri=str(paths["head.pt"].relative_to(settings.artifact_root)),
         model_name=model_name,
         trainer_id=settings.trainer_id,
@@ -140,7 +125,7 @@ def train_candidate(
     if settings.torchserve_management_url:
         result = _register(result, paths, model_name, settings)
     metrics.TRAINING_SECONDS.observe(time.perf_counter() - start)
-    _write_atomic(out / "result.json", result.model_dump_json(indent=1))
+    write_result(settings, result)
     return result
 
 
