@@ -15,12 +15,14 @@ from isplit.checkpoint import ModelInfo, load_model
 from isplit.data import DatasetRef, resolve_classes
 from isplit.importance import ImportanceCurve, Target, importance_curve
 from isplit.messages import BottleneckSpec, DatasetSpec, ModelSpec, SplitCandidate, candidate_id_for
+from isplit.plan import CostProfile, cut_costs
 from isplit.plots import plot_class_heat, plot_curve
 from isplit.training import pick_device
 
 
 class AnalysisResult(BaseModel):
-    """What an analysis produces (``result.json``)."""
+    """What an analysis produces (``result.json``). ``costs`` is the cost profile of every cut
+    point (``isplit.plan``); None in results written before it existed."""
 
     model: ModelInfo
     dataset: str
@@ -32,6 +34,7 @@ class AnalysisResult(BaseModel):
     seconds: float
     images_per_second: float
     device: str
+    costs: CostProfile | None = None
 
 
 def run_analysis(
@@ -76,6 +79,7 @@ def run_analysis(
         total=len(data),
     )
     seconds = time.perf_counter() - start
+    costs = cut_costs(model, (info.in_channels, info.input_size, info.input_size), curve.points)
     return AnalysisResult(
         model=info,
         dataset=spec,
@@ -87,7 +91,20 @@ def run_analysis(
         seconds=seconds,
         images_per_second=curve.num_images / max(seconds, 1e-9),
         device=str(dev),
+        costs=costs,
     )
+
+
+def load_result(folder: Path) -> AnalysisResult:
+    """Read ``folder/result.json`` (an ``isplit analyze`` output); ``IsplitError`` if it is not one."""
+    path = Path(folder) / "result.json"
+    try:
+        return AnalysisResult.model_validate_json(path.read_bytes())
+    except FileNotFoundError:
+        raise IsplitError(f"{folder} holds no result.json (give an `isplit analyze --out` folder)") from None
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        first = str(exc).splitlines()[0:3]
+        raise IsplitError(f"{path} is not an isplit analysis result: {' '.join(first)}") from None
 
 
 def split_candidates(

@@ -10,6 +10,7 @@ keeps a second tensor alive, is never a cut; the block as a whole is.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Sequence
 
 import torch
 from pydantic import BaseModel
@@ -131,13 +132,24 @@ def _numel(shape: list[int]) -> int:
 
 def _output_shapes(model: nn.Module, names: list[str], input_shape: tuple[int, int, int]) -> dict[str, list[int]]:
     shapes: dict[str, list[int]] = {}
-    handles = []
-    for name in names:
 
-        def hook(_m: nn.Module, _inp: object, out: torch.Tensor, name: str = name) -> None:
+    def hook(name: str) -> Callable[..., None]:
+        def record(_m: nn.Module, _inp: object, out: torch.Tensor) -> None:
             shapes[name] = list(out.shape[1:])
 
-        handles.append(model.get_submodule(name).register_forward_hook(hook))
+        return record
+
+    probe_forward(model, input_shape, [(model.get_submodule(n), hook(n)) for n in names])
+    return shapes
+
+
+def probe_forward(
+    model: nn.Module, input_shape: Sequence[int], hooks: Sequence[tuple[nn.Module, Callable[..., None]]]
+) -> None:
+    """Run one zero image of ``input_shape`` ``(C, H, W)`` through ``model`` in eval mode without
+    gradients, with each ``(module, forward hook)`` of ``hooks`` registered (in that order)
+    for the pass only; the model's mode is restored."""
+    handles = [m.register_forward_hook(h) for m, h in hooks]
     was_training = model.training
     try:
         model.eval()
@@ -148,7 +160,6 @@ def _output_shapes(model: nn.Module, names: list[str], input_shape: tuple[int, i
         model.train(was_training)
         for h in handles:
             h.remove()
-    return shapes
 
 
 class _CutLeafTracer(fx.Tracer):

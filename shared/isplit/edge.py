@@ -3,7 +3,8 @@
 ``EdgeClient`` loads an exported head (``head.pt`` + ``head.json``), preprocesses image files
 exactly as in training, runs the head, encodes the code with the wire format, POSTs it to the
 tail's TorchServe endpoint (timeout and retries) and returns predictions with a timing
-breakdown. ``isplit edge predict`` is its command line.
+breakdown. ``isplit edge predict`` is its command line; ``isplit edge profile`` measures this
+machine as an edge device (head time per cut) for ``isplit plan``.
 """
 
 from __future__ import annotations
@@ -227,6 +228,29 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from isplit.checkpoint import load_model
+    from isplit.cuts import find_cut_points
+    from isplit.plan import measure_device
+
+    model, info = load_model(Path(args.weights))
+    shape = (info.in_channels, info.input_size, info.input_size)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    points = find_cut_points(model, shape)
+    print(f"timing {sum(not p.skipped for p in points)} heads of {info.arch} on this machine ({args.repeats} runs each)")
+    profile = measure_device(model, shape, points, arch=info.arch, repeats=args.repeats)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(profile.model_dump_json(indent=1))
+    print(
+        f"whole model {profile.total_ms:.2f} ms per image ({profile.gflops:.2f} GFLOP/s effective, "
+        f"{profile.torch_threads} threads); fp16 encode {profile.encode_mb_per_s:.0f} MB/s"
+    )
+    print(f"wrote {out} (use it with `isplit plan --device-profile {out}`)")
+    return 0
+
+
 def register_cli(sub: argparse._SubParsersAction) -> None:
     edge = sub.add_parser("edge", help="the edge client").add_subparsers(dest="edge_command", required=True)
     p = edge.add_parser("predict", help="run the head here, the tail on the server")
@@ -239,3 +263,9 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compare-local", metavar="FULL_MODEL", help="also run this full checkpoint locally")
     p.add_argument("images", nargs="+")
     p.set_defaults(func=_cmd_predict)
+    prof = edge.add_parser("profile", help="time the model's heads at every cut on this machine")
+    prof.add_argument("--weights", required=True, help="an isplit checkpoint")
+    prof.add_argument("--repeats", type=int, default=20, help="timed runs per head (median)")
+    prof.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    prof.add_argument("--out", default="device-profile.json", help="profile JSON to write")
+    prof.set_defaults(func=_cmd_profile)
