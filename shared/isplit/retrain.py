@@ -24,6 +24,7 @@ from isplit.checkpoint import ModelInfo
 from isplit.cuts import find_cut_points, split_at
 from isplit.data import ImageSet
 from isplit.messages import BottleneckSpec, SplitCandidate, TrainingResult
+from isplit.plan import layer_flops
 from isplit.training import evaluate, seed_everything
 from isplit.wire import payload_nbytes
 
@@ -87,17 +88,13 @@ class RetrainOutcome:
 
 
 def count_flops(module: nn.Module, example: torch.Tensor) -> int:
-    """Forward FLOPs (2 x multiply-accumulates of conv, transposed conv and linear layers) for
-    one call on ``example``, divided by its batch size (FLOPs per image)."""
+    """Forward FLOPs (``isplit.plan.layer_flops``: 2 x multiply-accumulates of conv,
+    transposed conv and linear layers) for one call on ``example``, divided by its batch size
+    (FLOPs per image)."""
     total = [0]
 
     def hook(m: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-        if isinstance(m, nn.Conv2d):
-            total[0] += out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
-        elif isinstance(m, nn.ConvTranspose2d):
-            total[0] += inp[0].numel() * (m.out_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
-        elif isinstance(m, nn.Linear):
-            total[0] += out.numel() * m.in_features
+        total[0] += layer_flops(m, inp[0], out)
 
     handles = [
         m.register_forward_hook(hook)
@@ -110,7 +107,7 @@ def count_flops(module: nn.Module, example: torch.Tensor) -> int:
     finally:
         for h in handles:
             h.remove()
-    return 2 * total[0] // max(1, example.shape[0])
+    return total[0] // max(1, example.shape[0])
 
 
 def _params(module: nn.Module) -> int:
