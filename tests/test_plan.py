@@ -4,17 +4,20 @@ baselines on hand-made profiles; cost profiles of a real model; ``isplit plan`` 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+import tests.test_analyzer_api as analyzer_api
 from isplit import IsplitError
-from isplit.analysis import run_analysis, write_report
+from isplit.analysis import load_result, run_analysis, split_candidates, write_report
 from isplit.checkpoint import load_model
 from isplit.cli import main
 from isplit.cuts import find_cut_points, split_at
 from isplit.importance import CutScore, ImportanceCurve
+from isplit.messages import BottleneckSpec, DatasetSpec, ModelSpec
 from isplit.plan import (
     DEMO_DEPLOYMENT,
     DEVICE_PRESETS,
@@ -35,9 +38,12 @@ from isplit.plan import (
     make_plan,
     measured_from_results,
     parse_deployment_spec,
+    plan_analysis,
     resolve_deployment,
 )
 from isplit.retrain import count_flops
+from isplit_analyzer.jobs import report_dir
+from isplit_analyzer.store import CandidateRow, Job
 
 # -- hand-made profiles ---------------------------------------------------------------------
 
@@ -374,3 +380,90 @@ def test_bad_device_profile_file_exits_2(analysis_dir: Path, tmp_path: Path, cap
     assert code == 2 and "total_ms" in err and len(err.strip().splitlines()) == 1
     code, _, err = run_cli(capsys, "plan", "--analysis", str(tmp_path / "missing"))
     assert code == 2 and "result.json" in err
+
+
+# -- the API ---------------------------------------------------------------------------------
+
+api = analyzer_api.api  # the in-process analyzer (TestClient, fresh store, no Kafka)
+
+
+def _analysed(api, analysis_dir: Path, **body) -> str:
+    """A submitted job whose analysis is done: ``analysis_dir``'s report is its report."""
+    job_id = analyzer_api.submit(api, **body)
+    shutil.copytree(analysis_dir, report_dir(api.state.settings.artifact_root, job_id))
+    with api.state.sessions.begin() as s:
+        s.get(Job, job_id).status = "succeeded"
+    return job_id
+
+
+@pytest.mark.parametrize(
+    ("deployment", "named"),
+    [
+        ({"device": "toaster"}, "toaster"),
+        ({"uplink_mbps": -1}, "uplink_mbps"),
+        ({"max_head_flops_fraction": 0}, "max_head_flops_fraction"),
+        ({"warp_drive": True}, "warp_drive"),
+    ],
+)
+def test_a_bad_deployment_in_a_submission_gets_422_naming_the_value(api, deployment: dict, named: str) -> None:
+    r = api.post(
+        "/v1/analyses", json={"model_id": analyzer_api.MODEL_ID, "dataset": "digits", "deployment": deployment}
+    )
+    assert r.status_code == 422 and named in r.json()["detail"]
+
+
+def test_the_api_plan_equals_the_cli_plan(api, analysis_dir: Path, capsys) -> None:
+    job_id = _analysed(api, analysis_dir)
+    flags = {"device": "phone", "uplink-mbps": "2", "max-head-flops-fraction": "0.4", "max-payload-bytes": "4096"}
+    r = api.get(f"/v1/analyses/{job_id}/plan", params={k.replace("-", "_"): v for k, v in flags.items()})
+    assert r.status_code == 200, r.text
+    argv = [x for k, v in flags.items() for x in (f"--{k}", v)]
+    code, out, _ = run_cli(capsys, "plan", "--analysis", str(analysis_dir), *argv, "--json")
+    assert code == 0
+    assert r.json() == json.loads(out)
+    assert r.json()["deployment"]["constraints"]["max_head_flops_fraction"] == 0.4
+
+
+def test_the_plan_defaults_to_the_submitted_deployment_and_includes_measured_accuracy(api, analysis_dir: Path) -> None:
+    job_id = _analysed(api, analysis_dir, deployment={"device": "mcu", "max_head_flops_fraction": 0.5})
+    cut = json.loads((analysis_dir / "result.json").read_text())["curve"]["candidates"][0]
+    with api.state.sessions.begin() as s:
+        s.add(CandidateRow(candidate_id=f"{job_id}-x", analysis_id=job_id, cut=cut, predicted_rank=1, size_rank=1,
+                           cui=1.0, log10_cui=0.0, output_bytes=4, message="{}", published=True,
+                           result={"status": "succeeded", "cut": cut, "accuracy_split": 0.77}))  # fmt: skip
+    plan = api.get(f"/v1/analyses/{job_id}/plan").json()
+    assert plan["deployment"]["device"]["name"] == "mcu"
+    assert plan["deployment"]["constraints"]["max_head_flops_fraction"] == 0.5
+    assert next(c for c in plan["cuts"] if c["module"] == cut)["accuracy"] == 0.77
+    overridden = api.get(f"/v1/analyses/{job_id}/plan", params={"max_head_flops_fraction": 0.9}).json()
+    assert overridden["deployment"]["constraints"]["max_head_flops_fraction"] == 0.9
+
+
+@pytest.mark.parametrize(
+    ("params", "named"),
+    [({"device": "toaster"}, "toaster"), ({"rtt_ms": -5}, "rtt_ms"), ({"uplink_mbps": "fast"}, "uplink_mbps")],
+)
+def test_bad_plan_queries_get_422_naming_the_value(api, analysis_dir: Path, params: dict, named: str) -> None:
+    job_id = _analysed(api, analysis_dir)
+    r = api.get(f"/v1/analyses/{job_id}/plan", params=params)
+    assert r.status_code == 422 and named in r.json()["detail"]
+
+
+def test_the_plan_of_an_unfinished_analysis_is_409_and_of_an_unknown_one_404(api) -> None:
+    job_id = analyzer_api.submit(api)
+    assert api.get(f"/v1/analyses/{job_id}/plan").status_code == 409
+    assert api.get("/v1/analyses/a-000000000000/plan").status_code == 404
+
+
+def test_with_a_deployment_only_feasible_cuts_are_published_recommended_first(analysis_dir: Path) -> None:
+    result = load_result(analysis_dir)
+    deployment = resolve_deployment(DEMO_DEPLOYMENT)
+    spec = dict(model=ModelSpec(arch="vgg11", num_classes=10, in_channels=1, input_size=32, weights_uri="m.pt"),
+                dataset=DatasetSpec(name="digits"), bottleneck=BottleneckSpec(), top_k=3)  # fmt: skip
+    published = split_candidates(result, "a-0123456789ab", deployment=deployment, **spec)
+    plan = plan_analysis(result, deployment)
+    assert [c.cut for c in published] == plan.feasible_ranking()[:3]
+    assert published[0].cut == plan.recommended
+    assert all(plan.cut(c.cut).head_flops_fraction <= 0.5 for c in published)
+    unconstrained = split_candidates(result, "a-0123456789ab", **spec)
+    assert [c.cut for c in unconstrained] == result.ranking[:3]

@@ -15,7 +15,7 @@ from isplit.checkpoint import ModelInfo, load_model
 from isplit.data import DatasetRef, resolve_classes
 from isplit.importance import ImportanceCurve, Target, importance_curve
 from isplit.messages import BottleneckSpec, DatasetSpec, ModelSpec, SplitCandidate, candidate_id_for
-from isplit.plan import CostProfile, cut_costs
+from isplit.plan import CostProfile, Deployment, cut_costs, plan_analysis
 from isplit.plots import plot_class_heat, plot_curve
 from isplit.training import pick_device
 
@@ -115,12 +115,15 @@ def split_candidates(
     dataset: DatasetSpec,
     bottleneck: BottleneckSpec,
     top_k: int,
+    deployment: Deployment | None = None,
 ) -> list[SplitCandidate]:
     """The cuts to retrain: the first ``top_k`` of the ranking (recommended cut first), each as
-    the message the trainer consumes, ``predicted_rank`` 1 for the first."""
+    the message the trainer consumes, ``predicted_rank`` 1 for the first. With a
+    ``deployment`` only cuts its plan finds feasible, best first (``Plan.feasible_ranking``)."""
     curve = result.curve
+    ranking = result.ranking if deployment is None else plan_analysis(result, deployment).feasible_ranking()
     candidates = []
-    for rank, cut in enumerate(result.ranking[:top_k], start=1):
+    for rank, cut in enumerate(ranking[:top_k], start=1):
         point = curve.point(cut)
         candidates.append(
             SplitCandidate(

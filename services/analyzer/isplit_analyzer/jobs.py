@@ -25,6 +25,7 @@ from isplit import IsplitError
 from isplit.analysis import AnalysisResult, split_candidates
 from isplit.bus import ensure_topics, make_producer, publish
 from isplit.messages import DatasetSpec, ModelSpec, SplitCandidate
+from isplit.plan import resolve_deployment
 from isplit_analyzer import metrics
 from isplit_analyzer.config import Settings
 from isplit_analyzer.schemas import AcceptedAnalysis
@@ -151,7 +152,13 @@ def _candidate_rows(job_id: str, req: AcceptedAnalysis, result: AnalysisResult) 
         max_test_images=req.options.max_test_images,
     )
     candidates = split_candidates(
-        result, job_id, model=model, dataset=dataset, bottleneck=req.options.bottleneck(), top_k=req.options.top_k
+        result,
+        job_id,
+        model=model,
+        dataset=dataset,
+        bottleneck=req.options.bottleneck(),
+        top_k=req.options.top_k,
+        deployment=resolve_deployment(req.deployment) if req.deployment is not None else None,
     )
     return [
         CandidateRow(

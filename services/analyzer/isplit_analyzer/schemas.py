@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from isplit.messages import BottleneckSpec
+from isplit.plan import DeploymentSpec
 
 Status = Literal["queued", "running", "analysed", "succeeded", "failed", "cancelled"]
 
@@ -51,6 +52,11 @@ class AnalysisRequest(BaseModel):
     dataset: str = Field(min_length=1, max_length=512, description="fashion-mnist | digits | imagefolder:<path>")
     classes: list[int | str] | None = Field(default=None, description="class indices or names; null = all")
     options: AnalysisOptions = Field(default_factory=AnalysisOptions)
+    deployment: DeploymentSpec | None = Field(
+        default=None,
+        description="device, link, server and constraints (see `isplit plan`); when given, the candidates "
+        "published to the trainer are the best cuts this deployment can use, and it is the plan's default",
+    )
 
 
 class AcceptedAnalysis(AnalysisRequest):

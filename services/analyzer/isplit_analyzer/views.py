@@ -5,6 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from isplit.analysis import load_result
+from isplit.plan import (
+    DEFAULT_DEPLOYMENT,
+    DeploymentSpec,
+    Plan,
+    measured_from_results,
+    plan_analysis,
+    resolve_deployment,
+)
 from isplit.stats import cut_predictors, spearman
 from isplit_analyzer.jobs import report_dir
 from isplit_analyzer.schemas import (
@@ -106,3 +115,17 @@ def analysis_view(job: Job, rows: list[CandidateRow], artifact_root: Path, full:
         correlation=correlation(rows) if full else None,
         plot_url=plot_url,
     )
+
+
+def analysis_plan(job: Job, rows: list[CandidateRow], root: Path, query: DeploymentSpec) -> Plan | None:
+    """The plan of a finished analysis for ``query`` laid over the deployment the job was
+    submitted with (or ``DEFAULT_DEPLOYMENT``), measured accuracies included; None before the
+    analysis has written its report."""
+    folder = report_dir(root, job.id)
+    if not (folder / "result.json").exists():
+        return None
+    result = load_result(folder)
+    stored = job.request.get("deployment")
+    base = DEFAULT_DEPLOYMENT.overlay(DeploymentSpec.model_validate(stored)) if stored else DEFAULT_DEPLOYMENT
+    measured = measured_from_results([r.result for r in rows if r.result], subset=result.classes is not None)
+    return plan_analysis(result, resolve_deployment(query, base), measured)

@@ -10,12 +10,13 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from isplit.data import DatasetRef, resolve_classes
+from isplit.plan import ENCODINGS, Plan, parse_deployment_spec
 from isplit_analyzer import metrics
 from isplit_analyzer.api.deps import RunnerDep, SessionDep, SettingsDep
 from isplit_analyzer.jobs import new_job_id, report_dir
 from isplit_analyzer.schemas import Accepted, AcceptedAnalysis, AnalysisPage, AnalysisRequest, AnalysisView
 from isplit_analyzer.store import CANCELLED, FINAL, QUEUED, RUNNING, Job, ModelRecord, candidate_rows
-from isplit_analyzer.views import analysis_view
+from isplit_analyzer.views import analysis_plan, analysis_view
 
 router = APIRouter(prefix="/v1/analyses", tags=["analyses"])
 NOT_FOUND = {404: {"description": "no such analysis"}}
@@ -108,6 +109,52 @@ def get_plot(analysis_id: str, settings: SettingsDep, session: SessionDep) -> Fi
     if not path.exists():
         raise HTTPException(409, f"analysis {analysis_id!r} has no plot yet (status {job.status})")
     return FileResponse(path, media_type="image/png")
+
+
+@router.get(
+    "/{analysis_id}/plan",
+    response_model=Plan,
+    responses={
+        **NOT_FOUND,
+        409: {"description": "not analysed yet"},
+        422: {"description": "bad profile or constraint"},
+    },
+)
+def get_plan(
+    analysis_id: str,
+    settings: SettingsDep,
+    session: SessionDep,
+    device: str | None = Query(None, description="device preset (rpi4, mcu, phone)"),
+    device_gflops: float | None = Query(None, description="effective GFLOP/s of the edge device"),
+    link: str | None = Query(None, description="link preset (lte, wifi, lora, loopback)"),
+    uplink_mbps: float | None = Query(None, description="uplink Mbit/s"),
+    rtt_ms: float | None = Query(None, description="round trip ms"),
+    server: str | None = Query(None, description="server preset (gpu, cpu)"),
+    server_gflops: float | None = Query(None, description="effective GFLOP/s of the tail server"),
+    use_registration_latency: bool | None = Query(None, description="tail time = TorchServe's measured latency"),
+    encoding: str | None = Query(None, description=f"wire encoding: {', '.join(ENCODINGS)}"),
+    max_head_flops_fraction: float | None = Query(None, description="head FLOPs / network FLOPs, (0, 1]"),
+    max_latency_ms: float | None = Query(None, description="end-to-end latency per image"),
+    max_payload_bytes: int | None = Query(None, description="bytes per image on the wire"),
+    min_accuracy: float | None = Query(None, description="measured accuracy in [0, 1]"),
+) -> Plan:
+    """Which cut a deployment can use, recomputed from the stored results (measured accuracies
+    included as they arrive). The parameters are those of `isplit plan` and override the
+    deployment the analysis was submitted with; presets are assumptions, not measurements."""
+    job = _job_or_404(session, analysis_id)
+    given = {k: v for k, v in locals().items() if k in PLAN_QUERY and v is not None}
+    plan = analysis_plan(
+        job, candidate_rows(session, analysis_id), settings.artifact_root, parse_deployment_spec(given, "query")
+    )
+    if plan is None:
+        raise HTTPException(409, f"analysis {analysis_id!r} has no result yet (status {job.status})")
+    return plan
+
+
+PLAN_QUERY = (
+    "device", "device_gflops", "link", "uplink_mbps", "rtt_ms", "server", "server_gflops", "use_registration_latency",
+    "encoding", "max_head_flops_fraction", "max_latency_ms", "max_payload_bytes", "min_accuracy",
+)  # fmt: skip
 
 
 @router.delete(
