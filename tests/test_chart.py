@@ -516,13 +516,15 @@ def test_default_values_request_no_gpu(default_docs):
         assert "nvidia.com/gpu" not in json.dumps(doc), f"{doc['kind']}/{doc['metadata']['name']}"
 
 
-def test_gpu_values_put_the_trainer_on_gpu_nodes(gpu_docs):
+def test_gpu_values_put_the_trainer_on_gpu_nodes(gpu_docs, default_docs):
     trainer = one(gpu_docs, "Deployment", f"{RELEASE}-trainer")["spec"]["template"]["spec"]
     assert trainer["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert trainer["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in trainer["tolerations"]
     assert config_env(gpu_docs, "trainer")["ISPLIT_TRAINER_DEVICE"] == "cuda"
-    assert trainer["containers"][0]["image"].endswith("-cuda")
+    # One trainer image for CPU and GPU nodes: the base image's torch (PyPI) is the CUDA build.
+    default_trainer = one(default_docs, "Deployment", f"{RELEASE}-trainer")["spec"]["template"]["spec"]
+    assert trainer["containers"][0]["image"] == default_trainer["containers"][0]["image"]
     for other in (f"{RELEASE}-analyzer", f"{RELEASE}-tail-serving"):
         assert "nvidia.com/gpu" not in _limits(gpu_docs, other)
 
@@ -809,3 +811,29 @@ def test_k8s_tools_fetch_is_idempotent_and_fast(helm):
     result = subprocess.run([str(script), "fetch"], capture_output=True, text=True, timeout=60, check=True)
     assert "helm:    v" in result.stdout and "kubectl: Client Version: v" in result.stdout
     assert shutil.which("kubectl", path=str(TOOLS_BIN)) is not None
+
+
+# --- the one-machine cluster overlay (values-local.yaml, skaffold's "local" profile) ---------------
+
+
+def test_local_values_fit_the_one_node_cluster(helm, tmp_path_factory):
+    docs = render(helm, tmp_path_factory, files=[CHART / "values-local.yaml"])
+    claims = [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
+    assert claims and all(c["spec"]["storageClassName"] == "isplit-hostpath" for c in claims)
+    services = {d["metadata"]["name"]: d["spec"]["type"] for d in docs if d["kind"] == "Service"}
+    assert services[f"{RELEASE}-analyzer"] == "NodePort" and services[f"{RELEASE}-tail-serving"] == "NodePort"
+    assert config_env(docs, "trainer")["ISPLIT_TRAINER_EXECUTOR"] == "kubernetes"
+    assert not [d for d in docs if d["kind"] in ("HorizontalPodAutoscaler", "PodDisruptionBudget")]
+    cpu = 0.0
+    for d in docs:
+        if d["kind"] == "Deployment":
+            for c in d["spec"]["template"]["spec"]["containers"]:
+                req = c["resources"]["requests"]["cpu"]
+                cpu += float(req[:-1]) / 1000 if req.endswith("m") else float(req)
+    job = json.loads(config_env(docs, "trainer")["ISPLIT_TRAINER_JOB_TEMPLATE"])["resources"]["requests"]["cpu"]
+    cpu += float(job[:-1]) / 1000 if job.endswith("m") else float(job)
+    assert cpu <= 1.5, f"the services and one training Job request {cpu} CPUs of a 2-CPU node"
+
+
+def test_analyzer_listens_on_every_address_in_the_pod(default_docs):
+    assert config_env(default_docs, "analyzer")["ISPLIT_ANALYZER_HOST"] == "0.0.0.0"
