@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.isplit-installed
 RUN_DIR ?= var
 
-.PHONY: setup system-deps test lint fmt demo up down status bench clean-venv
+.PHONY: setup system-deps test test-cluster cluster-up cluster-down cluster-status lint fmt demo up down status bench clean-venv
 
 setup: $(STAMP) system-deps
 	@scripts/kafka fetch
@@ -25,6 +25,21 @@ system-deps:
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# The product on a real one-node Kubernetes (scripts/cluster): builds the images, `skaffold run
+# -p local`, runs the pipeline against the cluster, tears it down (ISPLIT_KEEP_CLUSTER=1 keeps it).
+test-cluster: setup
+	ISPLIT_CLUSTER_TESTS=1 $(PY) -m pytest -q tests/cluster
+
+# The one-machine cluster by hand: `make cluster-up`, then `eval "$$(scripts/cluster env)"`.
+cluster-up: setup
+	scripts/cluster up
+
+cluster-down:
+	scripts/cluster down
+
+cluster-status:
+	scripts/cluster status
 
 # The local stack: Kafka, analyzer :8000, trainer :9101, TorchServe :8080-8082, Prometheus :9090.
 up: setup
