@@ -291,6 +291,24 @@ def test_chart_refuses_combinations_that_cannot_work(helm, flags, message):
     assert message in result.stderr
 
 
+def test_chart_reports_every_impossible_combination_at_once(helm):
+    flags = ["analyzer.replicaCount=2", "metrics.serviceMonitor.enabled=true", "metrics.podMonitor.enabled=true"]
+    result = run_helm(helm, "template", RELEASE, str(CHART), *sum((["--set", f] for f in flags), []))
+    assert result.returncode != 0
+    assert "needs a shared database" in result.stderr and "enable one of them" in result.stderr
+
+
+def test_topic_names_are_the_contract_with_one_prefix_for_services_and_kafka_topics(helm, tmp_path_factory):
+    from isplit.messages import TOPIC_PARTITIONS
+
+    docs = render(helm, tmp_path_factory, {"kafka": {"topicPrefix": "stg.", "strimzi": {"topics": True}}})
+    assert {t["spec"]["topicName"] for t in find(docs, "KafkaTopic")} == {f"stg.{n}" for n in TOPIC_PARTITIONS}
+    for component in ("analyzer", "trainer"):
+        assert config_env(docs, component)["ISPLIT_TOPIC_PREFIX"] == "stg."
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert all("name" not in topic for topic in values["kafka"]["topics"].values()), "names are not values"
+
+
 def test_values_files_validate_against_the_schema():
     schema = json.loads((CHART / "values.schema.json").read_text())
     jsonschema.Draft7Validator.check_schema(schema)

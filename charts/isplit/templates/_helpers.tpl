@@ -171,19 +171,32 @@ prometheus.io/path: {{ .path | quote }}
 {{- end }}
 {{- end -}}
 
-{{/* Fail early on combinations that cannot work. */}}
+{{/* The three topics: values key -> name. The names are the services' contract
+(isplit.messages.TOPIC_*), prefixed with kafka.topicPrefix exactly as ISPLIT_TOPIC_PREFIX
+prefixes them in the services. */}}
+{{- define "isplit.topicNames" -}}
+splitCandidates: {{ printf "%sisplit.split-candidates.v1" .Values.kafka.topicPrefix }}
+trainingResults: {{ printf "%sisplit.training-results.v1" .Values.kafka.topicPrefix }}
+deadLetter: {{ printf "%sisplit.dead-letter.v1" .Values.kafka.topicPrefix }}
+{{- end -}}
+
+{{/* Fail early on combinations that cannot work; every problem at once. */}}
 {{- define "isplit.validateValues" -}}
+{{- $errors := list -}}
 {{- if not .Values.kafka.bootstrapServers -}}
-{{- fail "kafka.bootstrapServers is required: the address of an existing Kafka, e.g. my-cluster-kafka-bootstrap.kafka:9092 (Strimzi) or kafka.kafka:9092 (Bitnami)" -}}
+{{- $errors = append $errors "kafka.bootstrapServers is required: the address of an existing Kafka, e.g. my-cluster-kafka-bootstrap.kafka:9092 (Strimzi) or kafka.kafka:9092 (Bitnami)" -}}
 {{- end -}}
 {{- if and .Values.metrics.serviceMonitor.enabled .Values.metrics.podMonitor.enabled -}}
-{{- fail "metrics.serviceMonitor.enabled and metrics.podMonitor.enabled select the same pods: enable one of them" -}}
+{{- $errors = append $errors "metrics.serviceMonitor.enabled and metrics.podMonitor.enabled select the same pods: enable one of them" -}}
 {{- end -}}
 {{- if and (gt (int .Values.analyzer.replicaCount) 1) (not .Values.analyzer.database.existingSecret) -}}
-{{- fail "analyzer.replicaCount > 1 needs a shared database: set analyzer.database.existingSecret (SQLite on a volume supports one replica)" -}}
+{{- $errors = append $errors "analyzer.replicaCount > 1 needs a shared database: set analyzer.database.existingSecret (SQLite on a volume supports one replica)" -}}
 {{- end -}}
 {{- if and (eq .Values.trainer.executor "kubernetes") (not .Values.trainer.serviceAccount.create) (not .Values.trainer.serviceAccount.name) -}}
-{{- fail "trainer.executor=kubernetes needs a ServiceAccount allowed to create Jobs: set trainer.serviceAccount.create=true or name an existing one" -}}
+{{- $errors = append $errors "trainer.executor=kubernetes needs a ServiceAccount allowed to create Jobs: set trainer.serviceAccount.create=true or name an existing one" -}}
+{{- end -}}
+{{- if $errors -}}
+{{- fail (printf "\n* %s" (join "\n* " $errors)) -}}
 {{- end -}}
 {{- end -}}
 
