@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from isplit_analyzer.api.deps import State, get_state
 from isplit_analyzer.app import create_app
 from isplit_analyzer.config import Settings
+from isplit_analyzer.schemas import AnalysisRequest
 from isplit_analyzer.store import CandidateRow, Job, ModelRecord, make_engine, session_factory
 
 MODEL_ID = "m-0123456789ab"
@@ -72,7 +73,7 @@ def test_the_job_stores_the_request_resolved(api):
     assert view["request"]["classes"] == [1, 7]
     assert view["request"]["weights_sha256"] == SHA
     assert view["request"]["options"]["top_k"] == 2
-    assert list(view["request"]) == ["model_id", "arch", "dataset", "classes", "options", "weights_sha256"]
+    assert list(view["request"]) == [*AnalysisRequest.model_fields, "weights_sha256"]
 
 
 def test_an_image_folder_is_stored_as_its_absolute_path_under_the_data_root(api):

@@ -51,8 +51,7 @@ from isplit import wire
 logger = logging.getLogger(__name__)
 
 DEFAULT_TOP_K = 5
-# TorchServe 0.12 drops query parameters on /predictions/<model>, so k travels in a header.
-TOP_K_HEADER = "X-Isplit-Top-K"
+TOP_K_HEADER = wire.TOP_K_HEADER
 MAX_BYTES = int(os.environ.get("ISPLIT_TAIL_MAX_BYTES", wire.DEFAULT_MAX_BYTES))
 # Intra-op threads per worker (0 = torch's default, one per core). A tail is small and each
 # worker runs one batch at a time: one thread keeps the threads of several workers, the

@@ -16,7 +16,7 @@ from pathlib import Path
 from isplit import IsplitError
 
 # Modules that add their own subcommands: each has ``register_cli(subparsers)``.
-_PLUGINS = ("isplit.plan", "isplit.edge", "isplit.stack", "isplit.experiment", "isplit.demo")
+_PLUGINS = ("isplit.plan", "isplit.edge", "isplit.dev.stack", "isplit.experiment", "isplit.dev.demo")
 
 
 class _Parser(argparse.ArgumentParser):

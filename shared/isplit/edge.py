@@ -129,7 +129,7 @@ class EdgeClient:
         return out
 
     def _post(self, payload: bytes, top_k: int) -> dict:
-        headers = {"Content-Type": "application/octet-stream", "X-Isplit-Top-K": str(top_k)}
+        headers = {"Content-Type": "application/octet-stream", wire.TOP_K_HEADER: str(top_k)}
         problem = ""
         for attempt in range(self.retries + 1):
             if attempt:

@@ -15,6 +15,7 @@ import binascii
 import hashlib
 import json
 import re
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -319,15 +320,22 @@ def decode(model_cls: type[M], data: bytes | str | None) -> M:
 
 def summarize_validation_error(exc: ValidationError, limit: int = 5) -> str:
     """One line naming each bad field, what is wrong and the value given (shortened)."""
+    return summarize_errors(exc.errors(), limit=limit)
+
+
+def summarize_errors(errors: Sequence[Mapping[str, Any]], *, limit: int = 5, skip_loc: Sequence[str] = ()) -> str:
+    """One line for pydantic-style ``errors`` (``loc``, ``msg``, ``type``, ``input``): each bad
+    field, what is wrong and the value given (shortened; not for a missing field or an object).
+    Location parts in ``skip_loc`` (FastAPI's ``"body"``) are left out."""
     parts = []
-    for error in exc.errors()[:limit]:
-        where = ".".join(str(part) for part in error["loc"]) or "message"
-        part = f"{where}: {error['msg']}"
-        if error["type"] != "missing" and "input" in error:
+    for error in errors[:limit]:
+        where = ".".join(str(part) for part in error.get("loc", ()) if part not in skip_loc) or "message"
+        part = f"{where}: {error.get('msg')}"
+        if error.get("type") != "missing" and "input" in error and not isinstance(error["input"], dict):
             part += f" (got {_short_repr(error['input'])})"
         parts.append(part)
-    if exc.error_count() > limit:
-        parts.append(f"and {exc.error_count() - limit} more")
+    if len(errors) > limit:
+        parts.append(f"and {len(errors) - limit} more")
     return "; ".join(parts)
 
 

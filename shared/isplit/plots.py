@@ -1,17 +1,23 @@
-"""Plots users look at first: the CUI curve beside the size curve, and a per-class heat table."""
+"""Plots: the CUI curve beside the size curve, a per-class heat table, and a sweep's measured
+accuracy against CUI and size (``isplit experiment``)."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from isplit.importance import ImportanceCurve  # noqa: E402
+from isplit.importance import LOG10_FLOOR, ImportanceCurve  # noqa: E402
+
+if TYPE_CHECKING:
+    from isplit.experiment.schema import SweepResult
 
 
 def plot_curve(curve: ImportanceCurve, path: Path, *, title: str = "I-SPLIT importance") -> Path:
@@ -65,3 +71,77 @@ def plot_class_heat(curve: ImportanceCurve, class_names: Sequence[str], path: Pa
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_sweep(result: SweepResult, path: Path) -> Path:
+    """Write a PNG: the curves with measured accuracy along the network (top), and measured
+    accuracy against log10 CUI and against output bytes (bottom)."""
+    active = [i for i, q in enumerate(result.curve.points) if not q.skipped]
+    names = [result.curve.points[i].module for i in active]
+    x_of = {name: j for j, name in enumerate(names)}
+    fig = plt.figure(figsize=(max(11, 0.42 * len(active)), 9.8))
+    grid = fig.add_gridspec(2, 2, height_ratios=[1.2, 1])
+    top = fig.add_subplot(grid[0, :])
+    top.plot(
+        range(len(active)),
+        [result.curve.points[i].log10_cui for i in active],
+        "-o",
+        ms=3,
+        label="log10 CUI, all classes",
+    )
+    colours = ["tab:green", "tab:purple", "tab:brown", "tab:pink"]
+    for s, colour in zip(result.subsets, itertools.cycle(colours)):
+        top.plot(range(len(active)), [s.log10_cui[i] for i in active], "--", color=colour, lw=1,
+                 label=f"log10 CUI, classes {s.classes}")  # fmt: skip
+    top.set_xticks(range(len(active)), names, rotation=70, fontsize=7)
+    top.set_ylabel("log10 CUI")
+    shown = [v for i in active for v in (result.curve.points[i].log10_cui, *(s.log10_cui[i] for s in result.subsets))]
+    finite = [v for v in shown if v > LOG10_FLOOR]
+    if finite and len(finite) < len(shown):  # a zero CUI (the floor) would squash the curves: clip it
+        top.set_ylim(min(finite) - 0.5, max(finite) + 0.3)
+    acc_ax = top.twinx()
+    acc_ax.plot([x_of[c.module] for c in result.cuts], [100 * c.accuracy for c in result.cuts], "ks", ms=6,
+                label="measured accuracy, all classes")  # fmt: skip
+    for s, colour in zip(result.subsets, itertools.cycle(colours)):
+        acc_ax.plot([x_of[m.module] for m in s.measurements], [100 * m.accuracy for m in s.measurements], "D",
+                    color=colour, ms=6, mfc="none", label=f"measured, bottleneck on {s.classes}")  # fmt: skip
+    for pick, marker in ((result.picks.cui, "*"), (result.picks.size, "v")):
+        if pick.accuracy is not None:
+            acc_ax.plot(x_of[pick.module], 100 * pick.accuracy, marker, color="tab:red", ms=14, mfc="none",
+                        label=f"{pick.method} pick: {pick.module}")  # fmt: skip
+    acc_ax.set_ylabel("test accuracy (%)")
+    lines = top.get_legend_handles_labels()
+    acc_lines = acc_ax.get_legend_handles_labels()
+    top.legend(
+        lines[0] + acc_lines[0], lines[1] + acc_lines[1], fontsize=7, loc="lower center",
+        bbox_to_anchor=(0.5, 1.0), ncol=4, frameon=False,
+    )  # fmt: skip
+    width = f" (width {result.model.width})" if result.model.width != 1.0 else ""
+    fig.suptitle(
+        f"{result.model.arch}{width} on {result.parameters.dataset}: predicted (CUI) and measured accuracy per cut"
+    )
+    for k, (key, xs, xlabel) in enumerate(
+        (
+            ("cui", [c.log10_cui for c in result.cuts], "log10 CUI (I-SPLIT prediction)"),
+            ("size", [math.log10(c.output_bytes) for c in result.cuts], "log10 output bytes (size: smaller = better)"),
+        )
+    ):
+        ax = fig.add_subplot(grid[1, k])
+        ax.plot(xs, [100 * c.accuracy for c in result.cuts], "o", color="tab:blue" if key == "cui" else "gray")
+        for x, c in zip(xs, result.cuts, strict=True):
+            ax.annotate(c.module, (x, 100 * c.accuracy), fontsize=6, xytext=(3, 2), textcoords="offset points")
+        corr = result.correlations[key]
+        ax.set_title(f"ρ = {_signed2(corr.spearman)}, τ = {_signed2(corr.kendall)}, n = {corr.n}", fontsize=10)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("measured test accuracy (%)")
+        if key == "size":
+            ax.invert_xaxis()  # the baseline's "better" to the right, as for CUI
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _signed2(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.2f}"

@@ -27,11 +27,9 @@ from urllib.parse import quote
 
 import requests
 
-from isplit import IsplitError
+from isplit import IsplitError, wire
 
 HANDLER_ENV = "ISPLIT_TAIL_HANDLER"
-# TorchServe 0.12 ignores query parameters on /predictions/<model>; the handler reads a header.
-TOP_K_HEADER = "X-Isplit-Top-K"
 _REPO_HANDLER = Path(__file__).resolve().parents[2] / "services" / "tail-serving" / "isplit_tail_handler.py"
 # TorchServe's own rule for model names (ModelArchive.validateModelName).
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-.]*$")
@@ -187,7 +185,7 @@ def predict(
     """
     headers = {"Content-Type": "application/octet-stream"}
     if top_k is not None:
-        headers[TOP_K_HEADER] = str(top_k)
+        headers[wire.TOP_K_HEADER] = str(top_k)
     response = _call(
         "POST", inference_url(inference_base, model_name), data=payload, headers=headers, timeout_s=timeout_s
     )

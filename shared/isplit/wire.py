@@ -61,6 +61,9 @@ MAGIC = b"ISPW"
 VERSION = 1
 MAX_NDIM = 8
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+#: The HTTP request header carrying how many classes the tail answers per image.
+#: TorchServe 0.12 drops query parameters on /predictions/<model>, so k travels in a header.
+TOP_K_HEADER = "X-Isplit-Top-K"
 FLAG_ZLIB = 0x01
 
 ENCODINGS = ("fp32", "fp16", "int8", "int8-channel")

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from isplit import IsplitError
+from isplit.messages import summarize_errors
 
 log = logging.getLogger("isplit.analyzer")
 
@@ -46,13 +47,7 @@ def internal_error(exc: Exception) -> JSONResponse:
 
 def describe_validation(exc: RequestValidationError) -> str:
     """One line naming each bad field (up to five), what is wrong and the value given."""
-    parts = []
-    for err in exc.errors()[:5]:
-        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
-        got = err.get("input")
-        shown = repr(got)[:60] if got is not None and not isinstance(got, dict) else ""
-        parts.append(f"{loc}: {err.get('msg')}" + (f" (got {shown})" if shown else ""))
-    return "; ".join(parts) or "invalid request"
+    return summarize_errors(exc.errors(), skip_loc=("body",)) or "invalid request"
 
 
 def install_error_handlers(app: FastAPI) -> None:

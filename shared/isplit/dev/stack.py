@@ -20,8 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from isplit import IsplitError
-
-REPO = Path(__file__).resolve().parents[2]
+from isplit.dev import REPO, torchserve
 
 
 def home() -> Path:
@@ -152,7 +151,7 @@ def up() -> None:
         [sys.executable, "-c", "from isplit.bus import ensure_topics; ensure_topics('127.0.0.1:9092')"],
         env=env, check=True,
     )  # fmt: skip
-    if _script("torchserve", "start", env) != 0:
+    if torchserve.run_script("start", env, capture=False).returncode != 0:
         raise IsplitError("TorchServe did not start; see scripts/torchserve logs")
     for svc in services():
         svc.up(env)
@@ -168,7 +167,7 @@ def down() -> None:
     env = stack_env()
     for svc in reversed(services()):
         svc.down()
-    _script("torchserve", "stop", env)
+    torchserve.run_script("stop", env, capture=False)
     _script("kafka", "stop", env)
 
 

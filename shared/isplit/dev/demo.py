@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,7 +20,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from isplit import IsplitError
-from isplit.stack import REPO, home
+from isplit.dev.reference import cached_reference_model
+from isplit.dev.stack import home
 
 
 def _api(base: str, method: str, path: str, **kw) -> dict:
@@ -38,10 +37,10 @@ def reference_model(args: argparse.Namespace) -> Path:
         print(f"reusing reference model {path}")
         return path
     print(f"training reference model {path.name} (once; reused afterwards)")
-    cmd = [sys.executable, "-m", "isplit.cli", "zoo", "train", "--arch", args.arch, "--width", str(args.width),
-           "--dataset", "fashion-mnist", "--input-size", str(args.input_size), "--epochs", str(args.model_epochs),
-           "--lr", "0.004", "--max-train-images", str(args.model_train_images), "--out", str(path)]  # fmt: skip
-    subprocess.run(cmd, check=True, cwd=REPO)
+    cached_reference_model(path, arch=args.arch, dataset="fashion-mnist", input_size=args.input_size,
+                           width=args.width, epochs=args.model_epochs, lr=0.004,
+                           max_train_images=args.model_train_images)  # fmt: skip
+    print(f"wrote {path}")
     return path
 
 
@@ -138,7 +137,7 @@ def edge_check(view: dict, checkpoint: Path, out: Path, n_images: int) -> list[s
 
 
 def run(args: argparse.Namespace) -> int:
-    from isplit import stack
+    from isplit.dev import stack
 
     base = args.analyzer
     if stack.status() != 0:

@@ -1,0 +1,203 @@
+"""The sweep's result schema (``result.json``): parameters, measurements, correlations, picks."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from isplit.checkpoint import ModelInfo
+from isplit.data import DATASETS_HELP
+from isplit.importance import (
+    ImportanceCurve,
+    Target,
+)
+from isplit.messages import BottleneckSpec
+
+SCHEMA = "isplit-sweep/1"
+
+
+class SweepConfig(BaseModel):
+    """Every parameter of a sweep (recorded verbatim in the result)."""
+
+    arch: str = Field(description="e.g. vgg16, vgg16_bn, resnet50 (see `isplit zoo list`)")
+    width: float | None = Field(None, description="VGG channel multiplier (default: 1.0, or the checkpoint's)")
+    dataset: str = Field(description=DATASETS_HELP)
+    input_size: int | None = Field(None, description="pixels, square (default: 32, or the checkpoint's)")
+    weights: str | None = Field(None, description="an existing checkpoint (`isplit zoo train`) instead of training one")
+    epochs_model: int = Field(2, description="reference model training epochs")
+    lr_model: float = Field(2e-3, description="reference model learning rate")
+    batch_size_model: int = Field(128, description="reference model batch size")
+    max_train_images: int | None = Field(None, description="images to train the model on (default: all)")
+    epochs_bottleneck: int = Field(1, description="the same at every cut")
+    # Short budgets: 1e-3 leaves early-cut bottlenecks untrained.
+    lr_bottleneck: float = Field(5e-3, description="peak of the one-cycle schedule")
+    batch_size_bottleneck: int = Field(64, description="bottleneck batch size")
+    bottleneck_images: int | None = Field(None, description="training images per bottleneck (default: the model's)")
+    ratio: int = Field(4, description="bottleneck channel compression ratio")
+    max_test_images: int | None = Field(2000, description="test images measured at each cut")
+    analysis_images: int = Field(1000, description="images the importance engine analyses")
+    analysis_split: Literal["train", "test"] = Field("test", description="the split the engine analyses")
+    target: Target = Field("label", description="the class whose score is backpropagated")
+    cuts: list[str] | None = Field(None, description="comma-separated cut modules to measure")
+    max_cuts: int | None = Field(None, description="measure N cuts evenly spanning the non-skipped ones")
+    subsets: list[list[int | str]] | None = Field(
+        None, description="class subsets (indices or names), e.g. '0,1;5,7,9' (default: searched)"
+    )
+    num_subsets: int = Field(2, description="subsets to search for when --subsets is not given")
+    min_margin: float = Field(0.05, description="log10 CUI by which a subset's best must win to count as moved")
+    subset_cuts: int = Field(4, description="cuts retrained on each subset's images")
+    time_budget_s: float | None = Field(
+        None, description="seconds for the whole sweep; retraining that would overrun is skipped"
+    )
+    permutations: int = Field(10000, description="Monte Carlo draws for p-values (n > 8)")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    seed: int = Field(0, description="seeds data order, initialisation and permutations")
+
+    def bottleneck(self) -> BottleneckSpec:
+        """The bottleneck budget of every cut this sweep measures (the fields are spelled with
+        a ``_bottleneck`` suffix here, as recorded in ``result.json``)."""
+        return BottleneckSpec(
+            compression_ratio=self.ratio,
+            epochs=self.epochs_bottleneck,
+            lr=self.lr_bottleneck,
+            batch_size=self.batch_size_bottleneck,
+            seed=self.seed,
+        )
+
+
+class Machine(BaseModel):
+    """Where the sweep ran."""
+
+    platform: str
+    python: str
+    cpu_count: int | None
+    torch_threads: int
+    torch: str
+    device: str
+    device_name: str
+
+
+class Correlation(BaseModel):
+    """Rank agreement of a predictor with measured accuracy over ``n`` cuts.
+
+    ``*_p`` are one-sided permutation p-values for a positive association (exact over all
+    ``n!`` orderings up to n = 8, else Monte Carlo); None when the statistic is undefined.
+    """
+
+    n: int
+    spearman: float | None
+    spearman_p: float | None
+    kendall: float | None
+    kendall_p: float | None
+
+
+class Pick(BaseModel):
+    """The cut one method would choose, and what it measured (accuracy in [0, 1]).
+
+    ``tied`` lists the other cuts the method cannot tell apart from ``module`` (equal output
+    bytes for the size baseline); ``tie_mean_accuracy`` averages the measured ones.
+    """
+
+    method: Literal["cui", "size", "oracle"]
+    module: str
+    accuracy: float | None
+    output_bytes: int
+    tied: list[str] = Field(default_factory=list)
+    tie_mean_accuracy: float | None = None
+
+
+class CutMeasurement(BaseModel):
+    """One cut, bottleneck trained on all classes. Accuracies in [0, 1], times in seconds."""
+
+    module: str
+    kind: str
+    position: int  # index among the non-skipped cut points, in network order
+    output_shape: list[int]
+    output_bytes: int  # per image, fp32, before the bottleneck
+    code_shape: list[int]  # per image, after the encoder
+    log10_cui: float
+    accuracy: float
+    per_class_accuracy: list[float | None]  # None for a class absent from the test set
+    training_seconds: float
+    added_for_picks: bool = False  # not in the requested cuts; measured because a method picks it
+
+
+class SubsetCutMeasurement(BaseModel):
+    """One cut, bottleneck trained on a class subset's images, measured on that subset."""
+
+    module: str
+    output_bytes: int
+    log10_cui: float  # on the subset's curve
+    accuracy: float
+    accuracy_all_class_bottleneck: float | None  # the all-class bottleneck on the same images
+    training_images: int
+    training_seconds: float
+
+
+class SubsetResult(BaseModel):
+    """A class subset: its curve's best cut against the all-class best, and measurements."""
+
+    classes: list[int]
+    class_names: list[str]
+    chosen: Literal["given", "auto"]
+    analysis_images: int
+    best: str
+    candidates: list[str]
+    all_class_best: str
+    best_moved: bool
+    decisive: bool  # moved, and by at least min_margin (not a near-tie)
+    margin: float  # log10 CUI of the subset curve at its best minus at the all-class best
+    log10_cui: list[float]  # aligned with SweepResult.curve.points
+    correlation_all_class_bottlenecks: Correlation  # subset CUI vs subset accuracy of the all-class bottlenecks
+    measurements: list[SubsetCutMeasurement]
+
+
+class Picks(BaseModel):
+    cui: Pick
+    size: Pick
+    oracle: Pick
+
+
+class SizeControl(BaseModel):
+    """Does CUI tell more than size? ``agreement`` is Spearman of log10 CUI with −output bytes
+    over the measured cuts (where the two predictors agree, a sweep cannot tell them apart);
+    the pair counts compare CUI's order with measured accuracy over pairs of measured cuts
+    with *equal* output bytes, where size has nothing to say (ties on either side counted apart).
+    """
+
+    agreement: float | None
+    equal_size_pairs: int
+    concordant: int
+    discordant: int
+    tied: int
+
+
+class SweepResult(BaseModel):
+    """Everything a sweep measured (``result.json``)."""
+
+    schema_: str = Field(SCHEMA, alias="schema")
+    name: str
+    command: str
+    cwd: str
+    started_at: str
+    wall_seconds: float
+    phase_seconds: dict[str, float]
+    machine: Machine
+    parameters: SweepConfig
+    model: ModelInfo
+    reference_accuracy: float  # the model without any split, on the measured test images
+    train_images: int
+    bottleneck_images: int
+    test_images: int
+    test_class_counts: list[int]
+    curve: ImportanceCurve
+    cuts: list[CutMeasurement]
+    correlations: dict[str, Correlation]  # "cui", "size"
+    size_control: SizeControl
+    picks: Picks
+    subsets: list[SubsetResult]
+    skipped_for_budget: list[str]
+    notes: list[str]
+
+    model_config = {"populate_by_name": True}
