@@ -1,4 +1,4 @@
-// CoreDNS with the plugins the cluster's Corefile uses: errors, health, ready, kubernetes,
+// CoreDNS with the plugins the cluster's Corefile uses: bind, errors, health, ready, kubernetes,
 // forward, cache, loop, reload, loadbalance.
 package main
 
@@ -6,6 +6,7 @@ import (
 	"github.com/coredns/coredns/coremain"
 
 	_ "github.com/coredns/coredns/core/dnsserver"
+	_ "github.com/coredns/coredns/plugin/bind"
 	_ "github.com/coredns/coredns/plugin/cache"
 	_ "github.com/coredns/coredns/plugin/errors"
 	_ "github.com/coredns/coredns/plugin/forward"
