@@ -10,9 +10,11 @@ from __future__ import annotations
 import os
 import re
 import socket
+import statistics
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,13 +27,16 @@ from PIL import Image
 
 from isplit import IsplitError, wire
 from isplit import torchserve as ts
+from isplit.analysis import run_analysis
+from isplit.bottleneck import make_bottleneck
 from isplit.checkpoint import load_model
 from isplit.cli import main
 from isplit.data import load_dataset
 from isplit.edge import EdgeClient
 from isplit.export import export_pair
 from isplit.messages import BottleneckSpec
-from isplit.retrain import retrain_split
+from isplit.plan import DeploymentSpec, MeasuredCut, load_device_measurement, plan_analysis, resolve_deployment
+from isplit.retrain import count_flops, retrain_split
 
 pytestmark = pytest.mark.torchserve
 
@@ -222,3 +227,35 @@ def test_cli_unreachable_endpoint_exits_2_after_retries(served_pair: ServedPair,
     assert out == "" and err.count("\n") == 1
     assert err.startswith(f"isplit: error: tail at {url} unreachable after 3 tries: connection failed ")
     assert "Connection refused" in err
+
+
+# --- the measured device profile ---------------------------------------------------------------
+
+
+def test_the_measured_device_profile_predicts_the_edge_clients_head_time(
+    served_pair: ServedPair, tmp_path, capsys
+) -> None:
+    """``isplit edge profile`` on this machine, then the plan's head estimate for the served cut
+    (its bottleneck encoder included) against the client's measured head time, within 50 %."""
+    profile_path = tmp_path / "device.json"
+    assert main(["edge", "profile", "--weights", str(served_pair.checkpoint), "--repeats", "30",
+                 "--out", str(profile_path)]) == 0  # fmt: skip
+    assert "GFLOP/s effective" in capsys.readouterr().out
+    result = run_analysis(served_pair.checkpoint, "digits", max_images=20, batch_size=20, device="cpu")
+    shape = result.curve.point(CUT).output_shape
+    encoder = make_bottleneck(shape, BottleneckSpec().compression_ratio).encoder.eval()
+    encoder_flops = count_flops(encoder, torch.zeros(1, *shape))
+    measured = {CUT: MeasuredCut(head_flops=result.costs.cut(CUT).head_flops + encoder_flops)}
+    spec = DeploymentSpec(device_profile=load_device_measurement(profile_path), link="loopback")
+    estimate = plan_analysis(result, resolve_deployment(spec), measured).cut(CUT)
+    assert estimate.head_source == "measured"
+    head_times = []
+    with EdgeClient(served_pair.head_pt, served_pair.endpoint) as client:
+        x = client.preprocess(served_pair.images[:1])
+        client.predict_tensor(x)  # warm-up
+        for _ in range(30):
+            # The server shares this machine's cores: let it settle, as a separate server would.
+            time.sleep(0.05)
+            head_times.append(client.predict_tensor(x).head_ms)
+    head_ms = statistics.median(head_times)
+    assert estimate.head_ms == pytest.approx(head_ms, rel=0.5), (estimate.head_ms, head_ms)

@@ -14,8 +14,9 @@ import tests.test_analyzer_api as analyzer_api
 from isplit import IsplitError
 from isplit.analysis import load_result, run_analysis, split_candidates, write_report
 from isplit.checkpoint import load_model
-from isplit.cli import main
+from isplit.cli import build_parser, main
 from isplit.cuts import find_cut_points, split_at
+from isplit.dev.demo import deployment_spec
 from isplit.importance import CutScore, ImportanceCurve
 from isplit.messages import BottleneckSpec, DatasetSpec, ModelSpec
 from isplit.plan import (
@@ -39,8 +40,10 @@ from isplit.plan import (
     measured_from_results,
     parse_deployment_spec,
     plan_analysis,
+    plan_table,
     resolve_deployment,
 )
+from isplit.plots import plot_plan
 from isplit.retrain import count_flops
 from isplit_analyzer.jobs import report_dir
 from isplit_analyzer.store import CandidateRow, Job
@@ -467,3 +470,27 @@ def test_with_a_deployment_only_feasible_cuts_are_published_recommended_first(an
     assert all(plan.cut(c.cut).head_flops_fraction <= 0.5 for c in published)
     unconstrained = split_candidates(result, "a-0123456789ab", **spec)
     assert [c.cut for c in unconstrained] == result.ranking[:3]
+
+
+# -- the report and the demo's deployment ----------------------------------------------------
+
+
+def test_the_plan_plot_is_written(analysis_dir: Path, tmp_path: Path) -> None:
+    result = load_result(analysis_dir)
+    plan = plan_analysis(result, resolve_deployment(DEMO_DEPLOYMENT))
+    png = plot_plan(plan, result.curve, tmp_path / "plan.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert any(line.startswith("* recommended: ") for line in plan_table(plan))
+
+
+def test_the_demo_deployment_recommends_a_cut_within_its_head_budget(analysis_dir: Path) -> None:
+    deployment = resolve_deployment(deployment_spec(build_parser().parse_args(["demo"])))
+    assert (deployment.device.name, deployment.link.uplink_mbps) == ("rpi4", 10)
+    assert deployment.constraints.max_head_flops_fraction == 0.5
+    plan = plan_analysis(load_result(analysis_dir), deployment)
+    assert plan.recommended is not None and plan.recommended_is_candidate
+    assert plan.cut(plan.recommended).head_flops_fraction <= 0.5
+    assert plan.recommended != plan.unconstrained  # the curve's maximum is the classifier's input here
+    flags = build_parser().parse_args(["demo", "--max-head-flops-fraction", "0.3", "--link", "wifi"])
+    overridden = resolve_deployment(deployment_spec(flags))
+    assert overridden.constraints.max_head_flops_fraction == 0.3 and overridden.link.name == "wifi"

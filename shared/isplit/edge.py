@@ -239,7 +239,9 @@ def _cmd_profile(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     points = find_cut_points(model, shape)
     print(f"timing {sum(not p.skipped for p in points)} heads of {info.arch} on this machine ({args.repeats} runs each)")
-    profile = measure_device(model, shape, points, arch=info.arch, repeats=args.repeats)
+    profile = measure_device(
+        model, shape, points, arch=info.arch, repeats=args.repeats, bottleneck_ratio=args.compression_ratio
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(profile.model_dump_json(indent=1))
@@ -267,5 +269,8 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     prof.add_argument("--weights", required=True, help="an isplit checkpoint")
     prof.add_argument("--repeats", type=int, default=20, help="timed runs per head (median)")
     prof.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    prof.add_argument(
+        "--compression-ratio", type=int, default=4, help="the bottleneck the trainer inserts (timed after each head)"
+    )
     prof.add_argument("--out", default="device-profile.json", help="profile JSON to write")
     prof.set_defaults(func=_cmd_profile)

@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from torch import nn
 
 from isplit import IsplitError, wire
+from isplit.bottleneck import make_bottleneck
 from isplit.cuts import CutPoint, probe_forward, split_at
 from isplit.importance import CutScore, ImportanceCurve
 
@@ -170,11 +171,14 @@ def cut_costs(model: nn.Module, input_shape: Sequence[int], points: Sequence[Cut
 
 
 class CutTiming(BaseModel):
-    """Measured time of the head ending at one cut: median over repeats, milliseconds."""
+    """Measured time of the head ending at one cut, median over repeats, milliseconds:
+    ``head_ms`` alone, ``bottleneck_head_ms`` with the bottleneck encoder the trainer inserts
+    (``DeviceMeasurement.bottleneck_ratio``) after it, as an exported edge head runs."""
 
     model_config = ConfigDict(extra="forbid")
 
     head_ms: float = Field(ge=0, allow_inf_nan=False)
+    bottleneck_head_ms: float | None = Field(default=None, ge=0, allow_inf_nan=False)
 
 
 class DeviceMeasurement(BaseModel):
@@ -200,6 +204,8 @@ class DeviceMeasurement(BaseModel):
     encode_mb_per_s: float = Field(gt=0, allow_inf_nan=False)
     batch_size: int = Field(default=1, ge=1)
     repeats: int = Field(default=1, ge=1)
+    bottleneck_ratio: int = Field(default=4, ge=1)
+    pause_ms: float = Field(default=0.0, ge=0, description="idle time before each timed call")
     cuts: dict[str, CutTiming]
 
 
@@ -569,9 +575,12 @@ def _plan_cut(
 ) -> PlannedCut:
     timing = d.device.measured.cuts.get(point.module) if measured_device and d.device.measured else None
     head_flops = m.head_flops if m is not None and m.head_flops is not None else cost.head_flops
-    if timing is not None:
-        # The encoder a bottleneck adds runs at the device's effective rate.
-        head_ms = timing.head_ms + _flops_ms(max(0, head_flops - cost.head_flops), d.device.gflops)
+    bottlenecked = head_flops > cost.head_flops  # the trainer measured a head with its encoder
+    if timing is not None and bottlenecked and timing.bottleneck_head_ms is not None:
+        head_ms = timing.bottleneck_head_ms
+    elif timing is not None:
+        # An encoder the profile did not time runs at the device's effective rate.
+        head_ms = timing.head_ms + _flops_ms(head_flops - cost.head_flops, d.device.gflops)
     else:
         head_ms = _flops_ms(head_flops, d.device.gflops)
     if m is not None and d.encoding in m.bytes_per_image:
@@ -814,16 +823,6 @@ def plan_table(plan: Plan) -> list[str]:
 # -- measuring a device ---------------------------------------------------------------------
 
 
-def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
-    fn()  # warm-up: first calls allocate and select kernels
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
-
-
 def _traced(module: nn.Module, x: torch.Tensor) -> torch.jit.ScriptModule:
     # TorchScript, as the edge client runs an exported head.
     with warnings.catch_warnings():
@@ -838,34 +837,53 @@ def measure_device(
     *,
     arch: str = "",
     repeats: int = 20,
-    progress: Callable[[str], None] | None = None,
+    bottleneck_ratio: int = 4,
+    pause_s: float = 0.01,
 ) -> DeviceMeasurement:
-    """Time the head at every non-skipped cut point on this machine (one image, median of
-    ``repeats`` TorchScript calls) and the whole model; also the fp16 encode rate."""
+    """Time, on this machine, the head at every non-skipped cut point, alone and followed by the
+    bottleneck encoder of ``bottleneck_ratio``, and the whole model: one image, TorchScript (as
+    the edge client runs an exported head), median of ``repeats``. Each timed call follows an
+    idle pause of ``pause_s`` seconds, as an edge device's head call follows a wait on the
+    network: a tight loop keeps caches and clocks warm and reports times several times lower
+    than a device answering one request at a time. Also the fp16 encode rate."""
     if repeats < 1:
         raise IsplitError(f"repeats must be >= 1, got {repeats}")
     model = model.cpu().eval()
     x = torch.zeros(1, *input_shape)
     costs = cut_costs(model, input_shape, points)
-    timings: dict[str, CutTiming] = {}
+    runs: dict[tuple[str, str], Callable[[], Any]] = {}
     encoded_bytes = encode_s = 0.0
     with torch.inference_mode():
-        full = _traced(model, x)
-        total_ms = _median_ms(lambda: full(x), repeats)
-    for p in points:
-        if p.skipped:
-            continue
-        head, _tail = split_at(model, p.module)
-        with torch.inference_mode():
-            traced = _traced(head, x)
-            timings[p.module] = CutTiming(head_ms=_median_ms(lambda t=traced: t(x), repeats))
-            code = traced(x)
-        t0 = time.perf_counter()
-        wire.encode(code, "fp16")
-        encode_s += time.perf_counter() - t0
-        encoded_bytes += 4 * code.numel()
-        if progress is not None:
-            progress(p.module)
+        runs[("", "model")] = _traced(model, x)
+        for p in points:
+            if p.skipped:
+                continue
+            head, _tail = split_at(model, p.module)
+            runs[(p.module, "head")] = _traced(head, x)
+            encoder = make_bottleneck(p.output_shape, bottleneck_ratio).encoder
+            runs[(p.module, "bottleneck")] = _traced(nn.Sequential(head, encoder), x)
+            code = runs[(p.module, "head")](x)
+            t0 = time.perf_counter()
+            wire.encode(code, "fp16")
+            encode_s += time.perf_counter() - t0
+            encoded_bytes += 4 * code.numel()
+        times: dict[tuple[str, str], list[float]] = {k: [] for k in runs}
+        for fn in runs.values():
+            fn(x)  # warm-up: first calls allocate and optimise the graph
+            fn(x)
+        for _ in range(repeats):
+            for key, fn in runs.items():
+                time.sleep(pause_s)
+                t0 = time.perf_counter()
+                fn(x)
+                times[key].append(1e3 * (time.perf_counter() - t0))
+    ms = {k: statistics.median(v) for k, v in times.items()}
+    timings = {
+        p.module: CutTiming(head_ms=ms[(p.module, "head")], bottleneck_head_ms=ms[(p.module, "bottleneck")])
+        for p in points
+        if not p.skipped
+    }
+    total_ms = ms[("", "model")]
     return DeviceMeasurement(
         host=platform.node(),
         machine=f"{platform.machine()} {platform.processor() or platform.system()}".strip(),
@@ -877,6 +895,8 @@ def measure_device(
         gflops=costs.total_flops / (total_ms * 1e6),
         encode_mb_per_s=encoded_bytes / max(encode_s, 1e-9) / 1e6,
         repeats=repeats,
+        bottleneck_ratio=bottleneck_ratio,
+        pause_ms=1e3 * pause_s,
         cuts=timings,
     )
 

@@ -1,5 +1,5 @@
-"""Plots: the CUI curve beside the size curve, a per-class heat table, and a sweep's measured
-accuracy against CUI and size (``isplit experiment``)."""
+"""Plots: the CUI curve beside the size curve, a per-class heat table, a sweep's measured
+accuracy against CUI and size (``isplit experiment``), and a deployment plan (``isplit plan``)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from isplit.importance import LOG10_FLOOR, ImportanceCurve  # noqa: E402
 
 if TYPE_CHECKING:
     from isplit.experiment.schema import SweepResult
+    from isplit.plan import Plan
 
 
 def plot_curve(curve: ImportanceCurve, path: Path, *, title: str = "I-SPLIT importance") -> Path:
@@ -145,3 +146,52 @@ def plot_sweep(result: SweepResult, path: Path) -> Path:
 
 def _signed2(value: float | None) -> str:
     return "n/a" if value is None else f"{value:+.2f}"
+
+
+def plot_plan(plan: Plan, curve: ImportanceCurve, path: Path, *, title: str = "deployment plan") -> Path:
+    """Write a PNG: estimated latency against the accuracy signal (log10 CUI; measured accuracy
+    written beside the cuts that have one) per cut, the Pareto front joined and the
+    recommendation starred (left); the CUI curve with the feasible cuts shaded (right)."""
+    fig, (ax, cui_ax) = plt.subplots(1, 2, figsize=(14, 5), gridspec_kw={"width_ratios": [1, 1.4]})
+    front = sorted((c for c in plan.cuts if c.module in plan.pareto), key=lambda c: c.latency_ms)
+    ax.plot(
+        [c.latency_ms for c in front], [c.log10_cui for c in front], "-", color="tab:green", lw=1, label="Pareto front"
+    )
+    for c in plan.cuts:
+        style = {"color": "tab:blue"} if c.feasible else {"color": "lightgray", "mfc": "none"}
+        ax.plot(c.latency_ms, c.log10_cui, "o", ms=6, **style)
+        note = c.module + (f" ({100 * c.accuracy:.0f} %)" if c.accuracy is not None else "")
+        ax.annotate(note, (c.latency_ms, c.log10_cui), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    if plan.recommended is not None:
+        r = plan.cut(plan.recommended)
+        ax.plot(r.latency_ms, r.log10_cui, "*", color="tab:red", ms=16, label=f"recommended: {r.module}")
+    ax.plot([], [], "o", color="tab:blue", label="feasible")
+    ax.plot([], [], "o", color="lightgray", mfc="none", label="infeasible")
+    ax.set_xscale("log")
+    ax.set_xlabel("estimated end-to-end latency per image (ms)")
+    ax.set_ylabel("accuracy signal: log10 CUI")
+    ax.legend(fontsize=7, loc="lower right")
+    d = plan.deployment
+    ax.set_title(f"{d.device.name} / {d.link.name} {d.link.uplink_mbps:g} Mbit/s / {d.server.name}", fontsize=9)
+    pts = [p for p in curve.points if not p.skipped]
+    feasible = {c.module for c in plan.cuts if c.feasible}
+    for i, p in enumerate(pts):
+        if p.module in feasible:
+            cui_ax.axvspan(i - 0.5, i + 0.5, color="tab:green", alpha=0.12, lw=0)
+    cui_ax.plot(range(len(pts)), [p.log10_cui for p in pts], "-o", color="tab:blue", ms=3, label="log10 CUI")
+    for i, p in enumerate(pts):
+        if p.module in curve.candidates:
+            cui_ax.plot(i, p.log10_cui, "^", color="tab:orange", ms=9)
+        if p.module == plan.recommended:
+            cui_ax.plot(i, p.log10_cui, "*", color="tab:red", ms=16)
+    cui_ax.plot([], [], "^", color="tab:orange", label="candidates (local maxima)")
+    cui_ax.axvspan(0, 0, color="tab:green", alpha=0.12, label="feasible under the constraints")
+    cui_ax.set_xticks(range(len(pts)), [p.module for p in pts], rotation=70, fontsize=7)
+    cui_ax.set_ylabel("log10 CUI")
+    cui_ax.legend(fontsize=7, loc="lower right")
+    cui_ax.set_title(f"{title}: binding {', '.join(plan.binding) or 'nothing'}", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
