@@ -10,6 +10,7 @@ import shlex
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -262,6 +263,7 @@ def run_sweep(
 
     budget = _Budget(t0, cfg.time_budget_s)
     skipped: list[str] = []
+    bench = SweepBench(model, info, cfg, device, curve, test, budget, skipped)
     cuts: list[CutMeasurement] = []
     phase = time.perf_counter()
     bar = tqdm(ordered, desc="cuts (all classes)", unit="cut", disable=not progress)
@@ -271,7 +273,7 @@ def run_sweep(
             continue
         bar.set_postfix(cut=module)
         job = time.perf_counter()
-        cuts.append(_measure_cut(model, info, module, fit, test, cfg, device, curve, position, module in forced))
+        cuts.append(_measure_cut(bench, module, fit, position[module], forced=module in forced))
         budget.record(time.perf_counter() - job)
         tqdm.write(f"  {module:<24} log10 CUI {cuts[-1].log10_cui:8.3f}  accuracy {cuts[-1].accuracy:.4f}")
     bar.close()
@@ -282,19 +284,12 @@ def run_sweep(
     phase = time.perf_counter()
     subsets = [
         _measure_subset(
-            model,
-            info,
+            bench,
             classes,
             sub_curve,
-            curve,
             cuts,
             full_train,
             len(fit),
-            test,
-            cfg,
-            device,
-            budget,
-            skipped,
             test_counts,
             chosen="given" if subsets_given is not None else "auto",
             progress=progress,
@@ -339,33 +334,30 @@ def _command_line() -> str:
     return shlex.join(["isplit", *sys.argv[1:]])
 
 
-def _measure_cut(
-    model: nn.Module,
-    info: ModelInfo,
-    module: str,
-    fit: ImageSet,
-    test: ImageSet,
-    cfg: SweepConfig,
-    device: torch.device,
-    curve: ImportanceCurve,
-    position: dict[str, int],
-    forced: bool,
-) -> CutMeasurement:
-    outcome = retrain_split(
-        model,
-        info,
-        module,
-        fit,
-        test,
-        cfg.bottleneck(),
-        device=device,
-    )
+@dataclass
+class SweepBench:
+    """What every measurement of one sweep shares: the reference model, the parameters, the
+    all-class curve, the test images, the time budget and the list of what it skipped."""
+
+    model: nn.Module
+    info: ModelInfo
+    cfg: SweepConfig
+    device: torch.device
+    curve: ImportanceCurve
+    test: ImageSet
+    budget: _Budget
+    skipped: list[str]
+
+
+def _measure_cut(bench: SweepBench, module: str, fit: ImageSet, position: int, *, forced: bool) -> CutMeasurement:
+    model, info, test, device, curve = bench.model, bench.info, bench.test, bench.device, bench.curve
+    outcome = retrain_split(model, info, module, fit, test, bench.cfg.bottleneck(), device=device)
     split = nn.Sequential(outcome.pair.head, outcome.pair.tail).eval()
     point = curve.point(module)
     return CutMeasurement(
         module=module,
         kind=point.kind,
-        position=position[module],
+        position=position,
         output_shape=point.output_shape,
         output_bytes=point.output_bytes,
         code_shape=outcome.pair.code_shape,
@@ -378,24 +370,21 @@ def _measure_cut(
 
 
 def _measure_subset(
-    model: nn.Module,
-    info: ModelInfo,
+    bench: SweepBench,
     classes: list[int],
     sub_curve: ImportanceCurve,
-    curve: ImportanceCurve,
     all_cuts: list[CutMeasurement],
     pool: ImageSet,
     fit_size: int,
-    test: ImageSet,
-    cfg: SweepConfig,
-    device: torch.device,
-    budget: _Budget,
-    skipped: list[str],
     test_counts: list[int],
     *,
     chosen: Literal["given", "auto"],
     progress: bool,
 ) -> SubsetResult:
+    """Bottlenecks trained on a class subset's images (``fit_size`` of ``pool``, as many as an
+    all-class bottleneck gets) at a few cuts of the subset's curve, measured on its images."""
+    model, info, cfg, device, curve, test = bench.model, bench.info, bench.cfg, bench.device, bench.curve, bench.test
+    budget, skipped = bench.budget, bench.skipped
     from_all = {c.module: subset_accuracy(c.per_class_accuracy, test_counts, classes) for c in all_cuts}
     measured_all = [c for c in all_cuts if from_all[c.module] is not None]
     correlation = correlate(
