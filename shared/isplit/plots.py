@@ -185,7 +185,7 @@ def plot_plan(plan: Plan, curve: ImportanceCurve, path: Path, *, title: str = "d
         if p.module == plan.recommended:
             cui_ax.plot(i, p.log10_cui, "*", color="tab:red", ms=16)
     cui_ax.plot([], [], "^", color="tab:orange", label="candidates (local maxima)")
-    cui_ax.axvspan(0, 0, color="tab:green", alpha=0.12, label="feasible under the constraints")
+    cui_ax.fill_between([], [], color="tab:green", alpha=0.12, label="feasible under the constraints")
     cui_ax.set_xticks(range(len(pts)), [p.module for p in pts], rotation=70, fontsize=7)
     cui_ax.set_ylabel("log10 CUI")
     cui_ax.legend(fontsize=7, loc="lower right")
