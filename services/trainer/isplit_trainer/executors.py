@@ -7,7 +7,7 @@ from typing import Protocol
 
 from isplit.messages import SplitCandidate, TrainingResult
 from isplit_trainer.config import Settings
-from isplit_trainer.pipeline import existing_result, train_candidate
+from isplit_trainer.pipeline import existing_result, register_result, train_candidate
 
 
 class Executor(Protocol):
@@ -26,7 +26,8 @@ class InlineExecutor:
 
 class KubernetesJobExecutor:
     """One ``batch/v1`` Job per candidate (``isplit-trainer train-candidate`` on the same image);
-    the Job writes ``result.json`` to the shared artifact volume, which this process publishes."""
+    the Job trains, exports and writes ``result.json`` to the shared artifact volume; this
+    process registers the tail with TorchServe (Jobs reach nothing else) and publishes."""
 
     def __init__(self, settings: Settings) -> None:
         from isplit_trainer.k8s_executor import KubernetesExecutor
@@ -44,7 +45,7 @@ class KubernetesJobExecutor:
         )
         result = existing_result(self.settings, candidate.candidate_id)
         if result is not None:
-            return result
+            return register_result(result, self.settings)
         reason = f"training Job {outcome.job_name} {outcome.status}: {outcome.reason} {outcome.message}".strip()
         return TrainingResult.failure(candidate, reason, self.settings.trainer_id)
 

@@ -38,7 +38,7 @@ def train_one(settings: Settings) -> int:
 
     try:
         candidate = decode(SplitCandidate, os.environ.get("ISPLIT_CANDIDATE_JSON", ""))
-        result = train_candidate(candidate, settings)
+        result = train_candidate(candidate, settings, register=False)
     except (MessageError, CandidateError) as exc:
         print(f"isplit-trainer: error: {exc}", file=sys.stderr)
         return 2

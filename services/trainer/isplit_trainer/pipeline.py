@@ -59,9 +59,17 @@ def write_result(settings: Settings, result: TrainingResult) -> None:
 
 
 def train_candidate(
-    candidate: SplitCandidate, settings: Settings, should_stop: Callable[[], bool] | None = None
+    candidate: SplitCandidate,
+    settings: Settings,
+    should_stop: Callable[[], bool] | None = None,
+    *,
+    register: bool = True,
 ) -> TrainingResult:
-    """Retrain, export, register; write and return the ``TrainingResult`` (raises ``Abandoned``)."""
+    """Retrain, export, register; write and return the ``TrainingResult`` (raises ``Abandoned``).
+
+    ``register=False`` (a training Job, which reaches nothing but the artifact volume) stops
+    after the export; the trainer that started the Job registers with :func:`register_result`.
+    """
     out = candidate_dir(settings, candidate.candidate_id)
     out.mkdir(parents=True, exist_ok=True)
     weights = settings.artifact_root / candidate.model.weights_uri
@@ -122,9 +130,25 @@ def train_candidate(
         model_name=model_name,
         trainer_id=settings.trainer_id,
     )
-    if settings.torchserve_management_url:
+    if register and settings.torchserve_management_url:
         result = _register(result, paths, model_name, settings)
     metrics.TRAINING_SECONDS.observe(time.perf_counter() - start)
+    write_result(settings, result)
+    return result
+
+
+def register_result(result: TrainingResult, settings: Settings) -> TrainingResult:
+    """Register the tail of a trained-but-unregistered result (a training Job's) with TorchServe;
+    write and return the updated result. Results already registered, or failed, come back as is."""
+    if result.status != "succeeded" or result.inference_url or not result.head_uri or not result.model_name:
+        return result
+    if not settings.torchserve_management_url:
+        return result
+    out = (settings.artifact_root / result.head_uri).parent
+    if not out.resolve().is_relative_to(settings.artifact_root.resolve()):
+        return result.model_copy(update={"status": "failed", "error": "head_uri is outside the artifact root"})
+    paths = {name: out / name for name in ("head.pt", "head.json", "tail.pt", "tail.json")}
+    result = _register(result, paths, result.model_name, settings)
     write_result(settings, result)
     return result
 
