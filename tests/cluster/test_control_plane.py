@@ -84,18 +84,19 @@ def test_every_rendering_passes_server_side_validation(cluster, files):
     assert {"deployment.apps", "service", "configmap", "persistentvolumeclaim"} <= kinds, out
 
 
-def test_restricted_namespace_rejects_a_privileged_pod(cluster):
+@pytest.mark.parametrize("security", [{}, {"privileged": True}], ids=["plain", "privileged"])
+def test_restricted_namespace_rejects_pods_that_are_not_hardened(cluster, security):
+    """The control: what `kubectl run` makes (no security context), or a privileged pod, is refused."""
     namespace = "isplit-psa"
     cluster.restricted_namespace(namespace)
     pod = {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {"name": "root-pod"},
-        "spec": {"containers": [{"name": "c", "image": f"{cluster.registry}/pause:3.10",
-                                 "securityContext": {"privileged": True}}]},
-    }  # fmt: skip
+        "metadata": {"name": "plain-pod"},
+        "spec": {"containers": [{"name": "c", "image": f"{cluster.registry}/pause:3.10", "securityContext": security}]},
+    }
     out = cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(pod), check=False)
-    assert "violates PodSecurity" in out and "restricted" in out, out
+    assert "violates PodSecurity" in out and '"restricted:latest"' in out, out
 
 
 def test_chart_installs_and_its_pods_are_admitted_in_a_restricted_namespace(cluster):
@@ -152,6 +153,17 @@ def test_executor_job_is_admitted_and_scheduled_where_its_values_say(cluster, fi
     job = template.build(candidate_id=candidate_id, analysis_id="a-test", candidate_json="{}")
     job["spec"]["template"]["spec"]["containers"][0]["command"] = ["/pause"]
     name = job["metadata"]["name"]
+    # The chart creates this ServiceAccount and the artifact claim; the Job alone needs them too.
+    account = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": template.service_account}}
+    claim = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": template.artifact_claim},
+        "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "isplit-hostpath",
+                 "resources": {"requests": {"storage": "1Gi"}}},
+    }  # fmt: skip
+    for manifest in (account, claim):
+        cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(manifest))
     cluster.kubectl("create", "-n", namespace, "-f", "-", input=json.dumps(job))
     try:
         pod = cluster.wait(f"Job {name}'s pod to be scheduled", 60, lambda: _pod_of(cluster, namespace, name))
