@@ -1,13 +1,13 @@
 """Shared fixtures: real Kafka, real TorchServe, real service processes, a small trained model."""
 
+import os
+
 pytest_plugins = [
     "tests.fixtures.kafka",
     "tests.fixtures.torchserve",
     "tests.fixtures.services",
     "tests.fixtures.stack",
 ]
-
-import os
 
 # tests/cluster needs root, a Docker engine and minutes of image builds: `make test-cluster`
 # runs it (ISPLIT_CLUSTER_TESTS=1); `make test` leaves it out.

@@ -16,7 +16,8 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -47,6 +48,8 @@ TIMING_LINE = re.compile(
     r"network\+tail \d+\.\d ms \| total \d+\.\d ms$",
     re.MULTILINE,
 )
+PROFILE_ROUNDS = 5  # profile, then client calls, in turns
+REPEATS = 6  # timed calls per round, for the profile's heads and for the client
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,32 @@ def _closed_port() -> int:
         return int(s.getsockname()[1])
 
 
+@contextmanager
+def _stub_tail(answer: Callable[[bytes], tuple[int, bytes]]) -> Iterator[str]:
+    """A tail on a free local port answering each POST body with ``answer(body)``: (status,
+    JSON body). Yields its URL."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            status, reply = answer(self.rfile.read(int(self.headers["Content-Length"])))
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/predictions/stub"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 # --- the SDK -----------------------------------------------------------------------------------
 
 
@@ -145,35 +174,18 @@ def test_server_errors_are_retried_and_bad_requests_are_not(served_pair: ServedP
     statuses = [503, 200]  # what the stub answers, in order; then 400 for ever
     seen: list[int] = []
 
-    class Flaky(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            status = statuses.pop(0) if statuses else 400
-            seen.append(len(body))
-            reply = b'{"message": "busy"}' if status != 200 else b'{"predictions": [[{"class": 1}]]}'
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(reply)))
-            self.end_headers()
-            self.wfile.write(reply)
+    def answer(body: bytes) -> tuple[int, bytes]:
+        status = statuses.pop(0) if statuses else 400
+        seen.append(len(body))
+        return status, b'{"message": "busy"}' if status != 200 else b'{"predictions": [[{"class": 1}]]}'
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/predictions/stub"
-    try:
-        with EdgeClient(served_pair.head_pt, url, retries=1) as client:
-            x = client.preprocess(served_pair.images[:1])
-            assert client.predict_tensor(x).predictions == [[{"class": 1}]]
-            assert len(seen) == 2
-            with pytest.raises(IsplitError, match=r"answered 400: busy"):
-                client.predict_tensor(x)
-            assert len(seen) == 3
-    finally:
-        server.shutdown()
-        server.server_close()
+    with _stub_tail(answer) as url, EdgeClient(served_pair.head_pt, url, retries=1) as client:
+        x = client.preprocess(served_pair.images[:1])
+        assert client.predict_tensor(x).predictions == [[{"class": 1}]]
+        assert len(seen) == 2
+        with pytest.raises(IsplitError, match=r"answered 400: busy"):
+            client.predict_tensor(x)
+        assert len(seen) == 3
 
 
 # --- the command line --------------------------------------------------------------------------
@@ -236,26 +248,43 @@ def test_the_measured_device_profile_predicts_the_edge_clients_head_time(
     served_pair: ServedPair, tmp_path, capsys
 ) -> None:
     """``isplit edge profile`` on this machine, then the plan's head estimate for the served cut
-    (its bottleneck encoder included) against the client's measured head time, within 50 %."""
-    profile_path = tmp_path / "device.json"
-    assert main(["edge", "profile", "--weights", str(served_pair.checkpoint), "--repeats", "30",
-                 "--out", str(profile_path)]) == 0  # fmt: skip
-    assert "GFLOP/s effective" in capsys.readouterr().out
+    (its bottleneck encoder included) against the edge client's measured head time, within 50 %.
+
+    The two are measured in turns in this process (a profile, then the client's calls, for
+    ``PROFILE_ROUNDS`` rounds) and their medians compared, so a load that comes and goes on a
+    shared machine slows both rather than only the one that ran while it lasted. The client's
+    head time is taken before its request leaves, so its tail is a local stub: TorchServe's
+    work on the same cores stays out of the comparison (the tests above cover TorchServe)."""
     result = run_analysis(served_pair.checkpoint, "digits", max_images=20, batch_size=20, device="cpu")
     shape = result.curve.point(CUT).output_shape
     encoder = make_bottleneck(shape, BottleneckSpec().compression_ratio).encoder.eval()
     encoder_flops = count_flops(encoder, torch.zeros(1, *shape))
     measured = {CUT: MeasuredCut(head_flops=result.costs.cut(CUT).head_flops + encoder_flops)}
-    spec = DeploymentSpec(device_profile=load_device_measurement(profile_path), link="loopback")
-    estimate = plan_analysis(result, resolve_deployment(spec), measured).cut(CUT)
-    assert estimate.head_source == "measured"
-    head_times = []
-    with EdgeClient(served_pair.head_pt, served_pair.endpoint) as client:
-        x = client.preprocess(served_pair.images[:1])
-        client.predict_tensor(x)  # warm-up
-        for _ in range(30):
-            # The server shares this machine's cores: let it settle, as a separate server would.
-            time.sleep(0.05)
-            head_times.append(client.predict_tensor(x).head_ms)
-    head_ms = statistics.median(head_times)
-    assert estimate.head_ms == pytest.approx(head_ms, rel=0.5), (estimate.head_ms, head_ms)
+    answer = b'{"predictions": [[{"class": 0}]]}'
+    estimates: list[float] = []
+    head_times: list[float] = []
+    threads = torch.get_num_threads()
+    try:
+        # One thread for both (`edge profile --threads 1` sets it for this process): on a
+        # shared 2-core machine a 2-thread head waits on whichever thread another process has
+        # pushed off its core, tens of ms at random, for the profile and the client alike.
+        with _stub_tail(lambda _body: (200, answer)) as url, EdgeClient(served_pair.head_pt, url) as client:
+            x = client.preprocess(served_pair.images[:1])
+            for i in range(PROFILE_ROUNDS):
+                profile_path = tmp_path / f"device-{i}.json"
+                assert main(["edge", "profile", "--weights", str(served_pair.checkpoint), "--threads", "1",
+                             "--repeats", str(REPEATS), "--out", str(profile_path)]) == 0  # fmt: skip
+                profile = load_device_measurement(profile_path)
+                spec = DeploymentSpec(device_profile=profile, link="loopback")
+                estimate = plan_analysis(result, resolve_deployment(spec), measured).cut(CUT)
+                assert estimate.head_source == "measured"
+                estimates.append(estimate.head_ms)
+                client.predict_tensor(x)  # warm-up, as the profile warms each head up before timing it
+                for _ in range(REPEATS):
+                    time.sleep(profile.pause_ms / 1e3)  # the idle pause the profile timed its heads after
+                    head_times.append(client.predict_tensor(x).head_ms)
+    finally:
+        torch.set_num_threads(threads)
+    assert "GFLOP/s effective" in capsys.readouterr().out
+    estimate_ms, head_ms = statistics.median(estimates), statistics.median(head_times)
+    assert estimate_ms == pytest.approx(head_ms, rel=0.5), (estimates, head_times)

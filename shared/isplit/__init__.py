@@ -6,7 +6,8 @@ The library every isplit service imports, one module per concept:
   ``checkpoint`` (safe save/load), ``training`` (reference models, evaluation);
 * the method: ``cuts`` (single-tensor cut points), ``importance`` (the Grad-CAM importance
   engine), ``analysis`` (one analysis run, its report and candidates), ``stats`` (rank
-  statistics), ``plots``, ``plan`` (deployment plans);
+  statistics), ``plots``, ``plan`` (deployment plans: ``costs``, ``profiles``, ``planner``,
+  ``measure``, ``report``, ``cli``);
 * the split: ``bottleneck``, ``retrain`` (retraining within a ``BottleneckSpec`` budget),
   ``export`` (head/tail TorchScript);
 * wire and plumbing: ``wire`` (tensor format), ``messages`` (Kafka schemas), ``bus`` (Kafka

@@ -238,7 +238,9 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     points = find_cut_points(model, shape)
-    print(f"timing {sum(not p.skipped for p in points)} heads of {info.arch} on this machine ({args.repeats} runs each)")
+    print(
+        f"timing {sum(not p.skipped for p in points)} heads of {info.arch} on this machine ({args.repeats} runs each)"
+    )
     profile = measure_device(
         model, shape, points, arch=info.arch, repeats=args.repeats, bottleneck_ratio=args.compression_ratio
     )
