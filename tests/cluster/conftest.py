@@ -165,7 +165,9 @@ def deployed(cluster: Cluster) -> Deployment:
     """isplit built, pushed and deployed by ``skaffold run -p local`` (restricted namespace)."""
     c = cluster
     t0 = time.monotonic()
-    tools = subprocess.run([str(SCRIPT), "tools"], capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=3600)
+    tools = subprocess.run(
+        [str(SCRIPT), "tools"], capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=3600
+    )
     if tools.returncode != 0:
         pytest.fail(f"scripts/cluster tools (skaffold, helm v3) failed:\n{tools.stderr[-4000:]}")
     record_timing("skaffold_tools_s", time.monotonic() - t0)

@@ -22,7 +22,7 @@ from isplit.retrain import Abandoned
 from isplit_trainer import metrics
 from isplit_trainer.config import Settings
 from isplit_trainer.executors import Executor, make_executor
-from isplit_trainer.pipeline import CandidateError, existing_result, write_result
+from isplit_trainer.pipeline import CandidateError, existing_result, register_result, write_result
 
 log = logging.getLogger("isplit.trainer")
 COMMIT, RETRY, ABANDON = "commit", "retry", "abandon"
@@ -49,6 +49,7 @@ class TrainerLoop:
             return self._dead_letter(record, str(exc))
         previous = existing_result(self.settings, candidate.candidate_id)
         if previous is not None:
+            previous = register_result(previous, self.settings)  # a training Job's, not yet served
             publish(self._producer, self.topics.results, candidate.analysis_id, previous)
             metrics.CANDIDATES.labels("republished").inc()
             log.info("candidate %s already done: result re-published", candidate.candidate_id)

@@ -42,6 +42,7 @@ class KubernetesJobExecutor:
             candidate_id=candidate.candidate_id,
             analysis_id=candidate.analysis_id,
             candidate_json=candidate.model_dump_json(),
+            should_stop=should_stop,
         )
         result = existing_result(self.settings, candidate.candidate_id)
         if result is not None:

@@ -36,6 +36,9 @@ GPU_RESOURCE = "nvidia.com/gpu"
 RUN_AS_USER = 10001
 RUN_AS_GROUP = 10001
 
+# How often a waiting trainer checks whether it was asked to stop (SIGTERM), seconds.
+STOP_POLL_SECONDS = 3
+
 _NAME_PREFIX = "isplit-train-"
 _MAX_NAME = 63  # a Job's name becomes a pod label value (job-name), so 63, not 253
 _HASH_LEN = 10
@@ -321,10 +324,19 @@ class KubernetesExecutor:
             self._core = self._core or client.CoreV1Api()
         return self._batch, self._core
 
-    def run(self, *, candidate_id: str, analysis_id: str, candidate_json: str) -> JobOutcome:
+    def run(
+        self,
+        *,
+        candidate_id: str,
+        analysis_id: str,
+        candidate_json: str,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> JobOutcome:
         """Create the candidate's Job (or adopt the existing one of the same candidate), wait
         until it finishes or ``template.timeout_seconds`` pass, and return the outcome. A Job
-        that times out is deleted with its pods."""
+        that times out is deleted with its pods. When ``should_stop()`` turns true (SIGTERM)
+        the wait is abandoned (``isplit.retrain.Abandoned``) and the Job left running: the
+        trainer that gets the candidate next adopts it, so its result is published once."""
         from kubernetes.client.exceptions import ApiException
 
         batch, _ = self._apis()
@@ -337,22 +349,34 @@ class KubernetesExecutor:
         except ApiException as exc:
             if exc.status != 409:  # 409: this candidate's Job exists already; wait for it
                 raise
-        outcome = self.wait(name, namespace, timeout_seconds=self.template.timeout_seconds)
+        outcome = self.wait(name, namespace, timeout_seconds=self.template.timeout_seconds, should_stop=should_stop)
         if outcome.status == "failed":
             outcome = JobOutcome(
                 outcome.job_name, outcome.status, outcome.reason, outcome.message, self._log_tail(name, namespace)
             )
         return outcome
 
-    def wait(self, name: str, namespace: str, *, timeout_seconds: float) -> JobOutcome:
+    def wait(
+        self,
+        name: str,
+        namespace: str,
+        *,
+        timeout_seconds: float,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> JobOutcome:
         """Watch Job ``name`` until it finishes; after ``timeout_seconds`` delete it and report
-        ``timed_out``."""
+        ``timed_out``. ``should_stop`` is polled at least every ``STOP_POLL_SECONDS``."""
         from kubernetes import watch
         from kubernetes.client.exceptions import ApiException
 
+        from isplit.retrain import Abandoned
+
         batch, _ = self._apis()
         deadline = self._clock() + timeout_seconds
+        watch_cap = STOP_POLL_SECONDS if should_stop is not None else 300
         while True:
+            if should_stop is not None and should_stop():
+                raise Abandoned(f"stopped while waiting for Job {name}")
             current = batch.read_namespaced_job(name=name, namespace=namespace)
             outcome = job_outcome(_as_dict(batch, current))
             if outcome is not None:
@@ -366,7 +390,7 @@ class KubernetesExecutor:
                 namespace=namespace,
                 field_selector=f"metadata.name={name}",
                 resource_version=current.metadata.resource_version,
-                timeout_seconds=max(1, min(int(remaining), 300)),
+                timeout_seconds=max(1, min(int(remaining), watch_cap)),
             )
             try:
                 for event in stream:
