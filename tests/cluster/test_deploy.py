@@ -22,9 +22,9 @@ import pytest
 import requests
 import torch
 from kafka import KafkaConsumer, TopicPartition
-from PIL import Image
 
 from isplit.messages import TOPIC_RESULTS
+from tests.fixtures.stack import digits_test_pngs
 from tests.promql import from_grafana
 
 from .conftest import NAMESPACE, RELEASE, Deployment, record_timing
@@ -77,7 +77,6 @@ def model_id(deployed: Deployment, digits_checkpoint: Path) -> str:
 
 @pytest.fixture(scope="module")
 def flow(deployed: Deployment, model_id: str, tmp_path_factory: pytest.TempPathFactory) -> ClusterFlow:
-    from isplit.data import load_dataset
     from isplit.edge import EdgeClient
 
     d = deployed
@@ -91,12 +90,7 @@ def flow(deployed: Deployment, model_id: str, tmp_path_factory: pytest.TempPathF
     pods = d.cluster.json("get", "pods", "-n", NAMESPACE, "-l", "app.kubernetes.io/component=training-job")["items"]
     # The edge: real digits test images as PNG files, the exported head from the artifact
     # volume, the tail through the TorchServe Service's NodePort.
-    test = load_dataset("digits", "test").subset(None, 24)
-    img_dir = tmp_path_factory.mktemp("cluster-edge")
-    paths = []
-    for i in range(len(test)):
-        paths.append(img_dir / f"{i}.png")
-        Image.fromarray(test.images[i, 0].numpy()).save(paths[-1])
+    _, paths = digits_test_pngs(tmp_path_factory.mktemp("cluster-edge"))
     head_path = d.artifact_dir / measured["head_uri"]
     endpoint = d.inference_base + urlsplit(measured["inference_url"]).path
     client = EdgeClient(head_path, endpoint, encoding="fp32")
