@@ -125,6 +125,10 @@ def publish(
         raise PublishError(f"publishing {type(msg).__name__} to {topic} (key {key!r}) failed: {exc!r}") from exc
 
 
+# Seconds make_consumer waits for its topics to appear in the consumer's metadata.
+TOPIC_METADATA_WAIT_S = 10.0
+
+
 def make_consumer(bootstrap: str, group_id: str, topics: Iterable[str], **overrides: Any) -> KafkaConsumer:
     """A group consumer for at-least-once processing: nothing is committed until the caller
     calls ``consumer.commit()``, a new group starts from the earliest offset, and one record may
@@ -135,6 +139,11 @@ def make_consumer(bootstrap: str, group_id: str, topics: Iterable[str], **overri
     position after everything polled so far, so committing after each processed record never
     commits a record that was fetched but not yet processed. ``overrides`` are KafkaConsumer
     settings.
+
+    The consumer subscribes only once its metadata lists every topic (up to
+    ``TOPIC_METADATA_WAIT_S``): a group joined while a just-created topic is still missing from
+    the metadata gets no partitions until the next metadata refresh, which is also kept short
+    (``metadata_max_age_ms``) so such a miss heals in seconds.
     """
     config: dict[str, Any] = {
         "bootstrap_servers": bootstrap,
@@ -144,9 +153,16 @@ def make_consumer(bootstrap: str, group_id: str, topics: Iterable[str], **overri
         "auto_offset_reset": "earliest",
         "max_poll_interval_ms": 30 * 60 * 1000,
         "max_poll_records": 1,
+        "metadata_max_age_ms": 10_000,
         "key_deserializer": Utf8KeyDeserializer(),
     }
-    return KafkaConsumer(*topics, **{**_supported(KafkaConsumer, config), **overrides})
+    consumer = KafkaConsumer(**{**_supported(KafkaConsumer, config), **overrides})
+    topics = list(topics)
+    deadline = time.monotonic() + TOPIC_METADATA_WAIT_S
+    while time.monotonic() < deadline and not all(consumer.partitions_for_topic(t) for t in topics):
+        time.sleep(0.2)
+    consumer.subscribe(topics)
+    return consumer
 
 
 @dataclass(frozen=True)
