@@ -430,3 +430,12 @@ def test_partial_spearman_separates_information_beyond_the_control():
     rho, p = partial_spearman(x, only_z, [z], permutations=2000, seed=0)
     assert abs(rho) < 0.6 and p > 0.05
     assert partial_spearman(x[:3], beyond[:3], [z[:3]], permutations=10, seed=0) == (None, None)
+
+
+def test_results_written_before_seeds_read_as_one_seed():
+    path = Path(__file__).resolve().parents[1] / "docs" / "experiments" / "vgg16bn-digits-cpu" / "result.json"
+    raw = json.loads(path.read_text())
+    assert "seeds" not in raw["parameters"]
+    result = SweepResult.model_validate(raw)
+    assert result.parameters.seeds == 1 and result.budget_picks == []
+    assert render_report(result).startswith("# Does the CUI curve predict split accuracy?")

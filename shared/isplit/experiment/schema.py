@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from isplit.checkpoint import ModelInfo
 from isplit.data import DATASETS_HELP
@@ -252,3 +252,11 @@ class SweepResult(BaseModel):
     notes: list[str]
 
     model_config = {"populate_by_name": True}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_seed_before_seeds(cls, data: object) -> object:
+        """Results written before sweeps had seeds trained one bottleneck per cut."""
+        if isinstance(data, dict) and isinstance(data.get("parameters"), dict) and "seeds" not in data["parameters"]:
+            data = {**data, "parameters": {**data["parameters"], "seeds": 1}}
+        return data
