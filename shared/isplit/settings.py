@@ -23,6 +23,10 @@ class ServiceSettings(BaseSettings):
     kafka_bootstrap: str = Field(default="127.0.0.1:9092", description="Kafka bootstrap address, host:port")
     artifact_root: Path = Field(default=Path("var/artifacts"), description="weights, reports, heads, tails")
     topic_prefix: str = Field(default="", description="namespace for the Kafka topics (shared clusters, tests)")
+    data_root: Path = Field(default=Path("var/data"), description="image folders must live under it")
+    consumer_stall_s: float = Field(
+        default=60.0, gt=0, description="/readyz fails when a consumer with lag made no progress this long, seconds"
+    )
 
     def topics(self) -> Topics:
         """The contract topics under this installation's prefix."""
