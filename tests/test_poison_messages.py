@@ -160,10 +160,13 @@ def test_poison_result_is_dead_lettered_and_the_result_behind_it_is_attached(
 def test_analyzer_readyz_fails_while_the_results_consumer_is_stuck_and_recovers(tmp_path, kafka_bootstrap):
     analyzer = Analyzer(
         tmp_path / "artifacts", kafka_bootstrap, tmp_path / "analyzer.log", ISPLIT_CONSUMER_STALL_S="3"
-    ).start()
+    )
+    # The analyzer creates its topics when it first publishes candidates; here only the results
+    # topic exists: with no dead-letter topic the poison cannot be set aside.
+    ensure_topics(kafka_bootstrap, {analyzer.topics.results: 3})
+    analyzer.start()
     try:
         wait_for(lambda: readyz(analyzer.url) == 200, "ready", 60, analyzer.proc.log)
-        delete_topic(kafka_bootstrap, analyzer.topics.dead_letter)
         send_raw(kafka_bootstrap, b"not json", key="stuck", topic=analyzer.topics.results)
         wait_for(lambda: readyz(analyzer.url) == 503, "503 while stuck", 60, analyzer.proc.log)
         assert "results consumer stalled" in analyzer.get("/readyz").text
