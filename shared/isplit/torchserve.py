@@ -235,10 +235,11 @@ def predict(
     return response.json()
 
 
-def is_healthy(inference_base: str, timeout_s: float = 2) -> bool:
-    """Whether ``GET <inference_base>/ping`` answers ``{"status": "Healthy"}``."""
+def is_healthy(inference_base: str, timeout_s: float = 2, *, key: str | None = None) -> bool:
+    """Whether ``GET <inference_base>/ping`` answers ``{"status": "Healthy"}`` (with token
+    authorization, /ping too needs the inference ``key``)."""
     try:
-        response = requests.get(f"{_base(inference_base)}/ping", timeout=timeout_s)
+        response = requests.get(f"{_base(inference_base)}/ping", headers=auth_headers(key), timeout=timeout_s)
         return response.ok and response.json().get("status") == "Healthy"
     except (requests.RequestException, ValueError):
         return False

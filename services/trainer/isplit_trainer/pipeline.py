@@ -163,6 +163,7 @@ def _register(result: TrainingResult, paths: dict[str, Path], model_name: str, s
     store = settings.model_store()
     store.mkdir(parents=True, exist_ok=True)
     try:
+        keys = settings.torchserve_keys()
         mar = ts.build_mar(paths["tail.pt"], paths["tail.json"], model_name, "1.0", store)
         ts.register(
             settings.torchserve_management_url,
@@ -171,6 +172,7 @@ def _register(result: TrainingResult, paths: dict[str, Path], model_name: str, s
             batch_size=settings.tail_batch_size,
             max_batch_delay_ms=settings.tail_max_batch_delay_ms,
             initial_workers=settings.tail_workers,
+            key=keys.management,
         )
         # Real requests prove the tail answers and measure network + tail latency.
         head = torch.jit.load(str(paths["head.pt"]))
@@ -180,9 +182,9 @@ def _register(result: TrainingResult, paths: dict[str, Path], model_name: str, s
             payload = wire.encode(head(x), "fp16")
         # The first request warms the new worker up; the second is the steady-state latency
         # the planner uses for the server side.
-        ts.predict(settings.torchserve_inference_url, model_name, payload, timeout_s=30)
+        ts.predict(settings.torchserve_inference_url, model_name, payload, timeout_s=30, key=keys.inference)
         t0 = time.perf_counter()
-        ts.predict(settings.torchserve_inference_url, model_name, payload, timeout_s=30)
+        ts.predict(settings.torchserve_inference_url, model_name, payload, timeout_s=30, key=keys.inference)
         latency_ms = (time.perf_counter() - t0) * 1000
     except Exception as exc:  # training succeeded; serving did not: say so in the result
         log.warning("registering %s failed: %s", model_name, exc)
