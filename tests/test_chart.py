@@ -658,6 +658,8 @@ def test_torchserve_config_serves_prometheus_metrics_from_the_shared_model_store
     assert properties["metrics_mode"] == "prometheus"
     assert properties["model_store"] == "/var/lib/isplit/artifacts/model-store"
     assert properties["enable_model_api"] == "true"
+    # Only archives in the model store may be registered (Java properties: a doubled backslash is one).
+    assert properties["allowed_urls"] == r"file:///var/lib/isplit/artifacts/model-store/[^/]+\\.mar"
     # The image keeps the repository layout under /opt/isplit (see services/tail-serving/Dockerfile).
     assert properties["metrics_config"] == "/opt/isplit/services/tail-serving/metrics.yaml"
     dockerfile = (ROOT / "services" / "tail-serving" / "Dockerfile").read_text()
