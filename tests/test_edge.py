@@ -82,7 +82,9 @@ def served_pair(torchserve, digits_checkpoint: Path, tmp_path_factory: pytest.Te
     meta = {"model_name": name, "analysis_id": "test-edge", "candidate_id": name, "dataset": "digits"}
     paths = export_pair(outcome.pair, info, work / "pair", meta)
     mar = ts.build_mar(paths["tail.pt"], paths["tail.json"], name, "1.0", torchserve.model_store)
-    ts.register(torchserve.management_url, mar.name, name, batch_size=4, max_batch_delay_ms=1, key=torchserve.keys().management)
+    ts.register(
+        torchserve.management_url, mar.name, name, batch_size=4, max_batch_delay_ms=1, key=torchserve.keys().management
+    )
     images = []
     for i in range(N_IMAGES):  # 8x8 uint8 digits, saved as the edge would receive them
         path = work / f"digit-{i}-label-{int(test.labels[i])}.png"
@@ -152,7 +154,9 @@ def _stub_tail(answer: Callable[[bytes], tuple[int, bytes]]) -> Iterator[str]:
 
 @pytest.mark.parametrize("encoding", ["fp16", "int8"])
 def test_predict_files_matches_head_and_tail_run_locally(served_pair: ServedPair, encoding: str) -> None:
-    with EdgeClient(served_pair.head_pt, served_pair.endpoint, encoding=encoding, inference_key=served_pair.inference_key) as client:
+    with EdgeClient(
+        served_pair.head_pt, served_pair.endpoint, encoding=encoding, inference_key=served_pair.inference_key
+    ) as client:
         out = client.predict_files(served_pair.images, top_k=3)
         expected = _local_split(served_pair, client, encoding)
     assert len(out.predictions) == N_IMAGES

@@ -9,7 +9,15 @@ import pytest
 from kafka.errors import KafkaError
 from pydantic import ValidationError
 
-from isplit.bus import KafkaSecurity, PublishError, ensure_topics, kafka_reachable, make_consumer, make_producer, publish
+from isplit.bus import (
+    KafkaSecurity,
+    PublishError,
+    ensure_topics,
+    kafka_reachable,
+    make_consumer,
+    make_producer,
+    publish,
+)
 from isplit.messages import DatasetSpec, ModelSpec, SplitCandidate, decode
 from tests.fixtures.kafka import private_kafka
 

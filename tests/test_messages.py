@@ -11,6 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from isplit.messages import (
+    MAX_MESSAGE_BYTES,
     TOPIC_CANDIDATES,
     TOPIC_DEAD_LETTER,
     TOPIC_PARTITIONS,
@@ -21,7 +22,6 @@ from isplit.messages import (
     ModelSpec,
     SplitCandidate,
     TrainingResult,
-    MAX_MESSAGE_BYTES,
     candidate_id_for,
     decode,
     encode,

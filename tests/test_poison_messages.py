@@ -83,9 +83,7 @@ def bare_trainer(kafka_bootstrap: str, artifact_root: Path, tmp_path: Path):
         proc.terminate()
 
 
-def test_poison_candidates_are_dead_lettered_and_the_candidate_behind_them_is_trained(
-    kafka_bootstrap, bare_trainer
-):
+def test_poison_candidates_are_dead_lettered_and_the_candidate_behind_them_is_trained(kafka_bootstrap, bare_trainer):
     topics = Topics(f"test-{time.monotonic_ns() % 10**8}.")
     valid = make_candidate(epochs=1, train_images=100)
     key = valid.analysis_id  # one key: every record lands on one partition, in this order
@@ -158,9 +156,7 @@ def test_poison_result_is_dead_lettered_and_the_result_behind_it_is_attached(
 
 
 def test_analyzer_readyz_fails_while_the_results_consumer_is_stuck_and_recovers(tmp_path, kafka_bootstrap):
-    analyzer = Analyzer(
-        tmp_path / "artifacts", kafka_bootstrap, tmp_path / "analyzer.log", ISPLIT_CONSUMER_STALL_S="3"
-    )
+    analyzer = Analyzer(tmp_path / "artifacts", kafka_bootstrap, tmp_path / "analyzer.log", ISPLIT_CONSUMER_STALL_S="3")
     # The analyzer creates its topics when it first publishes candidates; here only the results
     # topic exists: with no dead-letter topic the poison cannot be set aside.
     ensure_topics(kafka_bootstrap, {analyzer.topics.results: 3})

@@ -138,7 +138,11 @@ def test_build_mar_leaves_a_same_named_directory_in_tmpdir_alone(tmp_path: Path,
 
 def test_register_again_is_a_no_op(served_tail: ServedTail) -> None:
     ts.register(
-        served_tail.management_url, served_tail.mar.name, served_tail.name, version="1.0", key=served_tail.keys.management
+        served_tail.management_url,
+        served_tail.mar.name,
+        served_tail.name,
+        version="1.0",
+        key=served_tail.keys.management,
     )
     described = requests.get(
         f"{served_tail.management_url}/models/{served_tail.name}/all",
@@ -296,7 +300,9 @@ def test_management_and_inference_refuse_calls_without_their_key(served_tail: Se
 
 
 @pytest.mark.parametrize(
-    "url", ["file:///etc/passwd", "file:///tmp/elsewhere.mar", "http://127.0.0.1:9/tail.mar"], ids=["passwd", "mar", "http"]
+    "url",
+    ["file:///etc/passwd", "file:///tmp/elsewhere.mar", "http://127.0.0.1:9/tail.mar"],
+    ids=["passwd", "mar", "http"],
 )
 def test_registration_from_outside_the_model_store_is_refused(served_tail: ServedTail, torchserve, url: str) -> None:
     response = requests.post(
