@@ -28,7 +28,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
@@ -59,8 +59,8 @@ class TorchServeError(RuntimeError):
 class TorchServeKeys:
     """The keys of a TorchServe with token authorization: management and inference APIs."""
 
-    management: str
-    inference: str
+    management: str = field(repr=False)
+    inference: str = field(repr=False)
 
 
 def read_keys(key_file: Path) -> TorchServeKeys:

@@ -44,10 +44,11 @@ class Settings(ServiceSettings):
 
     def torchserve_keys(self) -> TorchServeKeys:
         """The keys for TorchServe: the configured ones, else those in the key file (read now:
-        a restarted TorchServe has new ones). Raises ``IsplitError`` when neither is there."""
+        a restarted TorchServe has new ones); empty without either (token authorization off, as
+        in the chart). Raises ``IsplitError`` when the key file exists but cannot be read."""
         management = self.torchserve_management_key.get_secret_value()
         inference = self.torchserve_inference_key.get_secret_value()
-        if management and inference:
+        if (management and inference) or not self.torchserve_key_file.exists():
             return TorchServeKeys(management=management, inference=inference)
         from_file = read_keys(self.torchserve_key_file)
         return TorchServeKeys(management=management or from_file.management, inference=inference or from_file.inference)
