@@ -60,7 +60,7 @@ class KafkaSecurity(BaseSettings):
     needs a username and password; in Kubernetes the password comes from a Secret.
     """
 
-    model_config = SettingsConfigDict(env_prefix="ISPLIT_KAFKA_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="ISPLIT_KAFKA_", extra="ignore", hide_input_in_errors=True)
 
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"] = "SCRAM-SHA-512"

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from isplit.bus import Topics
+from isplit.bus import KafkaSecurity, Topics
 
 
 class ServiceSettings(BaseSettings):
@@ -27,6 +27,11 @@ class ServiceSettings(BaseSettings):
     consumer_stall_s: float = Field(
         default=60.0, gt=0, description="/readyz fails when a consumer with lag made no progress this long, seconds"
     )
+
+    @model_validator(mode="after")
+    def _kafka_security_is_complete(self) -> ServiceSettings:
+        KafkaSecurity()  # fail at start-up, naming the variables, not at the first Kafka call
+        return self
 
     def topics(self) -> Topics:
         """The contract topics under this installation's prefix."""
