@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from isplit.bus import KafkaSecurity, Topics
@@ -30,7 +30,10 @@ class ServiceSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _kafka_security_is_complete(self) -> ServiceSettings:
-        KafkaSecurity()  # fail at start-up, naming the variables, not at the first Kafka call
+        try:  # fail at start-up, naming the variables, not at the first Kafka call
+            KafkaSecurity()
+        except ValidationError as exc:  # its message only: the input holds the password
+            raise ValueError("; ".join(str(e["msg"]) for e in exc.errors())) from None
         return self
 
     def topics(self) -> Topics:
