@@ -33,7 +33,7 @@ class ServiceSettings(BaseSettings):
         try:  # fail at start-up, naming the variables, not at the first Kafka call
             KafkaSecurity()
         except ValidationError as exc:  # its message only: the input holds the password
-            raise ValueError("; ".join(str(e["msg"]) for e in exc.errors())) from None
+            raise ValueError("; ".join(str(e.get("ctx", {}).get("error", e["msg"])) for e in exc.errors())) from None
         return self
 
     def topics(self) -> Topics:
