@@ -99,7 +99,9 @@ def test_wrong_credentials_are_refused(scram_broker, monkeypatch, changes):
     as_client(monkeypatch, **changes)
     assert not kafka_reachable(scram_broker.bootstrap, timeout_s=5)
     with pytest.raises((KafkaError, PublishError)):
-        producer = make_producer(scram_broker.bootstrap, "test-sasl-bad", max_block_ms=5000)
+        # kafka-python 3 gives up bootstrapping after bootstrap_timeout_ms (30 s by default).
+        bounded = {"max_block_ms": 5000, "bootstrap_timeout_ms": 5000}
+        producer = make_producer(scram_broker.bootstrap, "test-sasl-bad", **bounded)
         try:
             publish(producer, "anything", "k", candidate(), timeout_s=10)
         finally:
