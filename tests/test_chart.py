@@ -280,6 +280,7 @@ def test_values_schema_rejects_bad_values(helm, flag, message):
         (["analyzer.replicaCount=2"], "needs a shared database"),
         (["metrics.serviceMonitor.enabled=true", "metrics.podMonitor.enabled=true"], "enable one of them"),
         (["kafka.bootstrapServers="], "/kafka/bootstrapServers"),
+        (["kafka.sasl.enabled=true"], "kafka.sasl.enabled needs kafka.sasl.existingSecret"),
     ],
 )
 def test_chart_refuses_combinations_that_cannot_work(helm, flags, message):
@@ -503,8 +504,8 @@ def test_probes_use_the_health_endpoints(default_docs):
     assert analyzer["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert analyzer["readinessProbe"]["httpGet"]["path"] == "/readyz"
     trainer = one(default_docs, "Deployment", f"{RELEASE}-trainer")["spec"]["template"]["spec"]["containers"][0]
-    assert trainer["livenessProbe"]["httpGet"] == {"path": "/metrics", "port": "metrics"}
-    assert trainer["readinessProbe"]["tcpSocket"] == {"port": "metrics"}
+    assert trainer["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert trainer["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
     torchserve = one(default_docs, "Deployment", f"{RELEASE}-tail-serving")["spec"]["template"]["spec"]["containers"][0]
     assert torchserve["readinessProbe"]["httpGet"] == {"path": "/ping", "port": "inference"}
 
@@ -520,6 +521,22 @@ def test_no_secrets_are_rendered_or_kept_in_values(all_docs):
     database = next(e for e in analyzer["env"] if e["name"] == "DATABASE_URL")
     assert database["valueFrom"]["secretKeyRef"] == {"name": "isplit-database", "key": "DATABASE_URL"}
     assert "DATABASE_URL" not in config_env(all_docs, "analyzer")
+
+
+def test_kafka_sasl_credentials_come_from_the_existing_secret(helm, tmp_path_factory):
+    values = {"kafka": {"sasl": {"enabled": True, "existingSecret": "isplit-kafka-user", "username": "isplit"}}}
+    docs = render(helm, tmp_path_factory, values)
+    for component in ("analyzer", "trainer"):
+        container = one(docs, "Deployment", f"{RELEASE}-{component}")["spec"]["template"]["spec"]["containers"][0]
+        env = {e["name"]: e for e in container["env"]}
+        assert env["ISPLIT_KAFKA_SECURITY_PROTOCOL"]["value"] == "SASL_PLAINTEXT"
+        assert env["ISPLIT_KAFKA_SASL_MECHANISM"]["value"] == "SCRAM-SHA-512"
+        assert env["ISPLIT_KAFKA_SASL_USERNAME"]["value"] == "isplit"
+        assert env["ISPLIT_KAFKA_SASL_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+            "name": "isplit-kafka-user",
+            "key": "password",
+        }
+    assert not find(docs, "Secret")
 
 
 # --- GPU scheduling --------------------------------------------------------------------------------
@@ -641,6 +658,8 @@ def test_torchserve_config_serves_prometheus_metrics_from_the_shared_model_store
     assert properties["metrics_mode"] == "prometheus"
     assert properties["model_store"] == "/var/lib/isplit/artifacts/model-store"
     assert properties["enable_model_api"] == "true"
+    # Only archives in the model store may be registered (Java properties: a doubled backslash is one).
+    assert properties["allowed_urls"] == r"file:///var/lib/isplit/artifacts/model-store/[^/]+\\.mar"
     # The image keeps the repository layout under /opt/isplit (see services/tail-serving/Dockerfile).
     assert properties["metrics_config"] == "/opt/isplit/services/tail-serving/metrics.yaml"
     dockerfile = (ROOT / "services" / "tail-serving" / "Dockerfile").read_text()

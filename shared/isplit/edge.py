@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from isplit.data import preprocess_image
 
 # Answers worth another try: the server is overloaded or restarting, not refusing the input.
 _RETRY_STATUSES = frozenset({500, 502, 503, 504, 507})
+#: The environment variable ``isplit edge predict --inference-key`` defaults to.
+INFERENCE_KEY_ENV = "ISPLIT_INFERENCE_KEY"
 _HEAD_KEYS = ("in_channels", "input_size", "mean", "std")
 
 
@@ -52,10 +55,18 @@ class EdgeClient:
     ``timeout_s`` bounds each HTTP attempt (seconds); a connection failure, a timeout or a
     5xx answer is retried ``retries`` times with exponential back-off (0.2 s, 0.4 s, ...);
     a 4xx answer (bad input) is not. User errors raise :class:`isplit.IsplitError`.
+    ``inference_key`` is TorchServe's inference key (token authorization), sent as a Bearer token.
     """
 
     def __init__(
-        self, head_path: Path, endpoint: str, *, encoding: str = "fp16", timeout_s: float = 10, retries: int = 2
+        self,
+        head_path: Path,
+        endpoint: str,
+        *,
+        encoding: str = "fp16",
+        timeout_s: float = 10,
+        retries: int = 2,
+        inference_key: str | None = None,
     ) -> None:
         if encoding not in wire.ENCODINGS:
             raise IsplitError(f"unknown encoding {encoding!r}; choose one of {', '.join(wire.ENCODINGS)}")
@@ -82,6 +93,8 @@ class EdgeClient:
             raise IsplitError(f"head {head_path} is not a TorchScript module: {first[:200]}") from exc
         self.endpoint, self.encoding, self.timeout_s, self.retries = endpoint, encoding, timeout_s, retries
         self.session = requests.Session()
+        if inference_key:
+            self.session.headers["Authorization"] = f"Bearer {inference_key}"
 
     def close(self) -> None:
         """Close the pooled HTTP connections."""
@@ -199,7 +212,12 @@ def _server_message(r: requests.Response) -> str:
 def _cmd_predict(args: argparse.Namespace) -> int:
     paths = [Path(p) for p in args.images]
     with EdgeClient(
-        Path(args.head), args.endpoint, encoding=args.encoding, timeout_s=args.timeout, retries=args.retries
+        Path(args.head),
+        args.endpoint,
+        encoding=args.encoding,
+        timeout_s=args.timeout,
+        retries=args.retries,
+        inference_key=args.inference_key,
     ) as client:
         full = info = None
         if args.compare_local:
@@ -264,6 +282,11 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per request attempt")
     p.add_argument("--retries", type=int, default=2, help="extra attempts on connection errors, timeouts and 5xx")
+    p.add_argument(
+        "--inference-key",
+        default=os.environ.get(INFERENCE_KEY_ENV) or None,
+        help=f"TorchServe's inference key (token authorization; default ${INFERENCE_KEY_ENV})",
+    )
     p.add_argument("--compare-local", metavar="FULL_MODEL", help="also run this full checkpoint locally")
     p.add_argument("images", nargs="+")
     p.set_defaults(func=_cmd_predict)

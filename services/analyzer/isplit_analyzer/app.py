@@ -31,7 +31,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     db_url = settings.db_url()
     sessions = session_factory(make_engine(db_url))
     runner = JobRunner(settings, sessions, db_url)
-    results = ResultsConsumer(settings.kafka_bootstrap, settings.results_group, sessions, settings.topics())
+    results = ResultsConsumer(
+        settings.kafka_bootstrap, settings.results_group, sessions, settings.topics(), settings.consumer_stall_s
+    )
     app.state.isplit = State(settings, sessions, runner, results)
     runner.start()
     results.start()

@@ -188,6 +188,7 @@ def edge_check(view: dict, checkpoint: Path, out: Path, n_images: int, plan: Pla
     from isplit.checkpoint import load_model
     from isplit.data import load_dataset
     from isplit.edge import EdgeClient
+    from isplit.torchserve import read_keys
 
     measured = [c for c in view["candidates"] if c["measured"] and c["measured"].get("inference_url")]
     if not measured:
@@ -204,7 +205,8 @@ def edge_check(view: dict, checkpoint: Path, out: Path, n_images: int, plan: Pla
         p = img_dir / f"test-{i:03d}-{test.class_names[int(test.labels[i])].replace('/', '_')}.png"
         Image.fromarray(test.images[i, 0].numpy()).save(p)
         paths.append(p)
-    client = EdgeClient(head, m["inference_url"], encoding="fp16")
+    keys = read_keys(home() / "torchserve" / "key_file.json")  # the stack's TorchServe
+    client = EdgeClient(head, m["inference_url"], encoding="fp16", inference_key=keys.inference)
     pred = client.predict_files(paths, top_k=1)
     full, _ = load_model(checkpoint)
     with torch.inference_mode():

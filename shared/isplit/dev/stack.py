@@ -35,6 +35,7 @@ def stack_env() -> dict[str, str]:
         "ISPLIT_ARTIFACT_ROOT": str(h / "artifacts"),
         "ISPLIT_KAFKA_DIR": str(h / "kafka"),
         "ISPLIT_TORCHSERVE_DIR": str(h / "torchserve"),
+        "ISPLIT_TORCHSERVE_KEY_FILE": str(h / "torchserve" / "key_file.json"),
         "ISPLIT_KAFKA_BOOTSTRAP": "127.0.0.1:9092",
         "ISPLIT_DATA_ROOT": str(h / "data"),
     }
