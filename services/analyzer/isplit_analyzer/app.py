@@ -63,6 +63,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.tokens = TokenStore(settings.analyzer_tokens_file)
     install_error_handlers(app)
 
+    def body_limit(scope: dict) -> int:
+        upload = scope["method"] == "POST" and scope["path"].rstrip("/") == "/v1/models"
+        return settings.max_upload_bytes if upload else settings.max_request_bytes
+
+    # Added before the metrics middleware so it sits inside it: a refusal raised from `receive`
+    # reaches the route directly (the metrics middleware reads the body in a task group).
+    app.add_middleware(
+        RequestBodyGuard,
+        limit_for=body_limit,
+        idle_s=settings.body_idle_timeout_seconds,
+        total_s=settings.body_timeout_seconds,
+    )
+
     @app.middleware("http")
     async def _observe(request: Request, call_next):  # type: ignore[no-untyped-def]
         start = time.perf_counter()
@@ -83,14 +96,4 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(router)
 
-    def body_limit(scope: dict) -> int:
-        upload = scope["method"] == "POST" and scope["path"].rstrip("/") == "/v1/models"
-        return settings.max_upload_bytes if upload else settings.max_request_bytes
-
-    app.add_middleware(
-        RequestBodyGuard,
-        limit_for=body_limit,
-        idle_s=settings.body_idle_timeout_seconds,
-        total_s=settings.body_timeout_seconds,
-    )
     return app

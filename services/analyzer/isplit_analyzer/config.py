@@ -23,7 +23,9 @@ class Settings(ServiceSettings):
     analyzer_port: int = 8000
     analyzer_workers: int = Field(default=1, ge=1, le=16, description="analyses run at once")
     analyzer_device: str = "auto"
-    max_upload_bytes: int = Field(default=200 * 1024 * 1024, ge=1, description="POST /v1/models body limit (file and multipart framing)")
+    max_upload_bytes: int = Field(
+        default=200 * 1024 * 1024, ge=1, description="POST /v1/models body limit (file and multipart framing)"
+    )
     max_request_bytes: int = Field(default=1024 * 1024, ge=1, description="body limit of every other request")
     analyzer_tokens_file: Path = Field(
         default=Path("var/run/analyzer-tokens.jsonl"),

@@ -15,11 +15,12 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from starlette.exceptions import HTTPException
+from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from isplit_analyzer.api.errors import problem
+
 
 class BodyRefused(HTTPException):
     """A body over its limit (413) or too slow (408); raised from ``receive`` so the route's
