@@ -352,3 +352,22 @@ def test_a_model_is_deleted_by_its_owner_once_no_analysis_uses_it(api, digits_ch
     assert not (root / "models" / f"{model_id}.pt").exists()
     assert api.get(f"/v1/models/{model_id}").status_code == 404
     assert api.get(f"/v1/analyses/{job_id}").status_code == 200  # the finished analysis stays
+
+
+def test_a_store_from_before_authentication_gains_the_owner_column_and_only_admin_sees_its_rows(tmp_path):
+    import sqlite3
+
+    db = tmp_path / "old.sqlite"
+    with sqlite3.connect(db) as conn:  # the jobs and models tables as the previous version made them
+        conn.execute("CREATE TABLE models (id VARCHAR(32) PRIMARY KEY, arch VARCHAR(64), sha256 VARCHAR(64), "
+                     "size_bytes INTEGER, info JSON, created_at DATETIME)")  # fmt: skip
+        conn.execute("INSERT INTO models VALUES ('m-0000000000aa', 'vgg11', 'x', 1, '{}', '2026-01-01 00:00:00')")
+    sessions = session_factory(make_engine(f"sqlite:///{db}"))
+    with sessions() as s:
+        old = s.get(ModelRecord, "m-0000000000aa")
+        assert old is not None and old.owner is None
+    from isplit.auth import Principal
+    from isplit_analyzer.api.auth import visible
+
+    assert not visible(old.owner, Principal(name="alice", scopes=frozenset({"read"})))
+    assert visible(old.owner, Principal(name="root", scopes=frozenset({"admin"})))
