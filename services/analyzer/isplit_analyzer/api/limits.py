@@ -28,6 +28,7 @@ class BodyRefused(HTTPException):
 
 
 def content_length(scope: Scope) -> int | None:
+    """The request's declared body size in bytes (None when absent or not a number)."""
     for name, value in scope.get("headers", ()):
         if name == b"content-length":
             return int(value) if value.isdigit() else None
@@ -66,7 +67,7 @@ class RequestBodyGuard:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise BodyRefused(413, f"request body exceeds the limit of {limit} bytes")
+                    raise BodyRefused(413, f"request body exceeds the limit of {limit} bytes", {"Connection": "close"})
                 done = not message.get("more_body", False)
             else:
                 done = True
