@@ -136,7 +136,11 @@ def check_weights(info: ModelInfo, state: dict[str, torch.Tensor], source: str) 
         changed = [f"{k} {held[k]} vs {declared[k]}" for k in declared if k in held and held[k] != declared[k]]
         detail = "; ".join(
             f"{label}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
-            for label, items in (("missing", missing), ("unexpected", unexpected), ("shape held vs declared", changed))
+            for label, items in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("size mismatch (held vs declared)", changed),
+            )
             if items
         )
         raise IsplitError(
