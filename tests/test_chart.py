@@ -9,6 +9,7 @@ schemas that kubernetes-validate ships; custom resources against their CRDs' sha
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import shutil
@@ -20,6 +21,7 @@ import pytest
 import yaml
 from kubernetes_validate import utils as kv
 
+from isplit.auth import TokenStore
 from tests import promql
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +48,11 @@ ALL_FEATURES = {
         "kubeApiServer": {"cidrs": ["10.0.0.1/32"]},
         "kafka": {"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kafka"}}}]},
     },
-    "analyzer": {"replicaCount": 2, "database": {"existingSecret": "isplit-database"}},
+    "analyzer": {
+        "replicaCount": 2,
+        "database": {"existingSecret": "isplit-database"},
+        "auth": {"existingSecret": "isplit-api-tokens", "existingSecretKey": "tokens"},
+    },
     "tailServing": {
         "autoscaling": {"targetMemoryUtilizationPercentage": 80},
         "pdb": {"minAvailable": "", "maxUnavailable": "50%"},
@@ -841,6 +847,38 @@ def test_notes_render(helm):
     result = run_helm(helm, "install", RELEASE, str(CHART), "--dry-run=client", "--namespace", NAMESPACE)
     assert result.returncode == 0, result.stderr
     assert f"port-forward svc/{RELEASE}-analyzer 8000:8000" in result.stdout
+    assert f"get secret {RELEASE}-analyzer-auth -o jsonpath='{{.data.token}}' | base64 -d" in result.stdout
+
+
+# --- API authentication -----------------------------------------------------------------------------
+
+
+def _auth_volume(docs) -> tuple[dict, dict]:
+    spec = one(docs, "Deployment", f"{RELEASE}-analyzer")["spec"]["template"]["spec"]
+    mount = next(m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "auth")
+    return next(v for v in spec["volumes"] if v["name"] == "auth"), mount
+
+
+def test_the_chart_generates_an_analyzer_token_whose_hash_the_mounted_token_file_holds(default_docs, tmp_path):
+    secret = one(default_docs, "Secret", f"{RELEASE}-analyzer-auth")
+    token = base64.b64decode(secret["data"]["token"]).decode()
+    assert token.startswith("isplit_") and len(token) == 50
+    volume, mount = _auth_volume(default_docs)
+    assert volume["secret"]["secretName"] == f"{RELEASE}-analyzer-auth"
+    assert volume["secret"]["items"] == [{"key": "tokens.jsonl", "path": "tokens.jsonl"}]
+    analyzer = one(default_docs, "Deployment", f"{RELEASE}-analyzer")["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in analyzer["env"]}
+    assert env["ISPLIT_ANALYZER_TOKENS_FILE"] == mount["mountPath"] + "/tokens.jsonl" and mount["readOnly"]
+    (tmp_path / "tokens.jsonl").write_bytes(base64.b64decode(secret["data"]["tokens.jsonl"]))
+    principal = TokenStore(tmp_path / "tokens.jsonl").authenticate(token)
+    assert principal is not None and principal.name == "admin" and principal.is_admin
+
+
+def test_an_existing_token_secret_is_mounted_and_none_is_generated(all_docs):
+    assert not find(all_docs, "Secret")
+    volume, _ = _auth_volume(all_docs)
+    assert volume["secret"]["secretName"] == "isplit-api-tokens"
+    assert volume["secret"]["items"] == [{"key": "tokens", "path": "tokens.jsonl"}]
 
 
 def test_k8s_tools_fetch_is_idempotent_and_fast(helm):

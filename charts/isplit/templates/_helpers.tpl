@@ -207,6 +207,14 @@ deadLetter: {{ printf "%sisplit.dead-letter.v1" .Values.kafka.topicPrefix }}
 {{- end -}}
 
 {{/* Fail early on combinations that cannot work; every problem at once. */}}
+{{/* The Secret holding the analyzer's token file, and the file's key in it. */}}
+{{- define "isplit.analyzer.authSecretName" -}}
+{{- default (printf "%s-auth" (include "isplit.componentName" (dict "root" . "component" "analyzer"))) .Values.analyzer.auth.existingSecret -}}
+{{- end -}}
+{{- define "isplit.analyzer.authSecretKey" -}}
+{{- if .Values.analyzer.auth.existingSecret }}{{ .Values.analyzer.auth.existingSecretKey }}{{ else }}tokens.jsonl{{ end -}}
+{{- end -}}
+
 {{- define "isplit.validateValues" -}}
 {{- $errors := list -}}
 {{- if not .Values.kafka.bootstrapServers -}}

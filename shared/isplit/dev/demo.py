@@ -26,8 +26,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from isplit import IsplitError
+from isplit.auth import bearer
 from isplit.dev.reference import cached_reference_model
-from isplit.dev.stack import home
+from isplit.dev.stack import analyzer_token, home
 from isplit.plan import (
     DEMO_DEPLOYMENT,
     DeploymentSpec,
@@ -43,10 +44,15 @@ from isplit.plan import (
 
 
 def _api(base: str, method: str, path: str, **kw) -> dict:
-    r = requests.request(method, base + path, timeout=60, **kw)
+    r = _call(base, method, path, **kw)
     if r.status_code >= 400:
         raise IsplitError(f"{method} {path} -> {r.status_code}: {r.text[:300]}")
     return r.json()
+
+
+def _call(base: str, method: str, path: str, **kw) -> requests.Response:
+    """One API call with the local stack's token (``ISPLIT_ANALYZER_TOKEN`` or var/run/analyzer-token)."""
+    return requests.request(method, base + path, timeout=60, headers=bearer(analyzer_token()), **kw)
 
 
 def reference_model(args: argparse.Namespace) -> Path:
@@ -272,7 +278,7 @@ def run(args: argparse.Namespace) -> int:
         plan, plan_lines = plan_section(base, job, folder, label)
         plans[job] = (plan, folder)
         png = out / f"curve-{job}.png"
-        png.write_bytes(requests.get(f"{base}/v1/analyses/{job}/plot.png", timeout=30).content)
+        png.write_bytes(_call(base, "GET", f"/v1/analyses/{job}/plot.png").content)
         corr = view.get("correlation") or {}
         lines += [f"## {label} (analysis `{job}`)", "", f"Best cut by CUI: `{view['result']['best']}`; "
                   f"size baseline's pick: `{view['result']['size_ranking'][0]}`.", "", *candidate_table(view), "",

@@ -13,8 +13,8 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz", response_model=Health)
-def healthz() -> Health:
-    """Liveness: the process answers."""
+async def healthz() -> Health:
+    """Liveness: the process answers (on the event loop: no thread pool to wait for)."""
     return Health(status="ok")
 
 
