@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy.engine import make_url
 
 from isplit_analyzer import metrics
 from isplit_analyzer.api import router
@@ -35,7 +36,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.isplit = State(settings, sessions, runner, results)
     runner.start()
     results.start()
-    log.info("analyzer ready: artifacts %s, db %s", settings.artifact_root, db_url)
+    shown = make_url(db_url).render_as_string(hide_password=True)
+    log.info("analyzer ready: artifacts %s, db %s", settings.artifact_root, shown)
     try:
         yield
     finally:

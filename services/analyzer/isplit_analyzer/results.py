@@ -7,7 +7,7 @@ import logging
 import threading
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from isplit.bus import Topics, dead_letter, make_consumer, make_producer
@@ -18,15 +18,29 @@ from isplit_analyzer.store import CandidateRow
 log = logging.getLogger("isplit.analyzer.results")
 
 
-def attach_result(sessions: sessionmaker[Session], result: TrainingResult) -> bool:
-    """Store ``result`` on its candidate (idempotent: the latest result wins); False if unknown."""
+ATTACHED, DUPLICATE, UNKNOWN = "attached", "duplicate", "unknown"
+
+
+def attach_result(sessions: sessionmaker[Session], result: TrainingResult) -> str:
+    """Attach ``result`` to its candidate, once: keyed by candidate id, the newest result (by
+    its ``created_at``) wins, so a record delivered or published twice, or an older one arriving
+    late, changes nothing, whatever the order and whichever replica consumes it.
+
+    Returns ``ATTACHED``, ``DUPLICATE`` (the candidate holds this result or a newer one) or
+    ``UNKNOWN`` (no such candidate)."""
     with sessions.begin() as s:
         n = s.execute(
             update(CandidateRow)
-            .where(CandidateRow.candidate_id == result.candidate_id)
-            .values(result=result.model_dump(mode="json"))
+            .where(
+                CandidateRow.candidate_id == result.candidate_id,
+                or_(CandidateRow.result_created_at.is_(None), CandidateRow.result_created_at < result.created_at),
+            )
+            .values(result=result.model_dump(mode="json"), result_created_at=result.created_at)
         ).rowcount
-    return bool(n)
+        if n:
+            return ATTACHED
+        known = s.scalar(select(CandidateRow.candidate_id).where(CandidateRow.candidate_id == result.candidate_id))
+    return DUPLICATE if known else UNKNOWN
 
 
 class ResultsConsumer:
@@ -84,7 +98,11 @@ class ResultsConsumer:
                 producer, self.topics.results, record, str(exc), "isplit-analyzer", topic=self.topics.dead_letter
             )
             return
-        if attach_result(self.sessions, result):
+        outcome = attach_result(self.sessions, result)
+        if outcome == ATTACHED:
             metrics.RESULTS_CONSUMED.inc()
+        elif outcome == DUPLICATE:
+            metrics.RESULTS_DUPLICATE.inc()
+            log.info("result for candidate %s already attached: ignored", result.candidate_id)
         else:
             log.info("result for unknown candidate %s ignored", result.candidate_id)
