@@ -8,10 +8,12 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 from sqlalchemy import create_engine, func, inspect, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from isplit.messages import TrainingResult
+from isplit_analyzer.config import Settings
 from isplit_analyzer.results import ATTACHED, DUPLICATE, UNKNOWN, attach_result
 from isplit_analyzer.store import (
     ANALYSED,
@@ -243,3 +245,23 @@ def test_replicas_starting_at_once_create_the_schema_once(postgres_url):
     for t in threads:
         t.join(timeout=60)
     assert not errors, errors
+
+
+@pytest.mark.parametrize(
+    ("given", "used"),
+    [
+        ("", "sqlite:///"),
+        ("sqlite:////var/lib/isplit/analyzer.db", "sqlite:////var/lib/isplit/analyzer.db"),
+        ("postgresql+psycopg://u:p@db:5432/isplit", "postgresql+psycopg://u:p@db:5432/isplit"),
+        ("postgresql://u:p@db/isplit", "postgresql+psycopg://u:p@db/isplit"),
+        ("postgres://u:p@db/isplit", "postgresql+psycopg://u:p@db/isplit"),
+    ],
+)
+def test_database_urls_get_the_installed_driver(given, used, tmp_path):
+    settings = Settings(database_url=given, artifact_root=tmp_path)
+    assert settings.db_url().startswith(used)
+
+
+def test_an_unsupported_database_is_refused_by_name():
+    with pytest.raises(ValidationError, match="'mysql' is not supported"):
+        Settings(database_url="mysql://u:p@db/isplit")
