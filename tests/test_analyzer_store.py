@@ -265,3 +265,14 @@ def test_database_urls_get_the_installed_driver(given, used, tmp_path):
 def test_an_unsupported_database_is_refused_by_name():
     with pytest.raises(ValidationError, match="'mysql' is not supported"):
         Settings(database_url="mysql://u:p@db/isplit")
+
+
+def test_a_nul_in_an_id_finds_nothing_and_a_nul_in_a_message_is_stored(sessions):
+    """PostgreSQL text cannot hold NUL; a client's NUL must give a 404, not a DataError (500)."""
+    (job_id,) = add_jobs(sessions, 1)
+    with sessions.begin() as s:
+        assert s.get(Job, "a-\x00") is None
+        assert s.scalars(select(Job).where(Job.id.in_(["a-\x00", job_id]))).one().id == job_id
+        s.execute(update(Job).where(Job.id == job_id).values(error="unknown class 'x\x00y'"))
+    with sessions() as s:
+        assert s.get(Job, job_id).error.startswith("unknown class 'x")  # type: ignore[union-attr]

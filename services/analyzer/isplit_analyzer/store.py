@@ -105,7 +105,8 @@ class CandidateRow(Base):
 
 
 def make_engine(url: str) -> Engine:
-    """An engine; SQLite gets WAL and a busy timeout so analysis processes can write too."""
+    """An engine; SQLite gets WAL and a busy timeout so analysis processes can write too;
+    PostgreSQL gets strings without NUL characters (see ``_without_nul``)."""
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
 
@@ -118,9 +119,30 @@ def make_engine(url: str) -> Engine:
 
     else:
         engine = create_engine(url, pool_pre_ping=True)
+        event.listen(engine, "before_cursor_execute", _without_nul, retval=True)
     with engine.begin() as conn:
         migrate(conn)
     return engine
+
+
+def _without_nul(
+    _conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, executemany: bool
+) -> tuple[str, Any]:
+    """PostgreSQL text cannot hold NUL (a DataError, a 500). No id, name or message the store
+    keeps has one, so a NUL a client sent becomes U+FFFD: a lookup finds nothing (404), a
+    message is stored legibly. JSON values arrive serialised, their NULs escaped."""
+
+    def clean(value: Any) -> Any:
+        return value.replace("\x00", "\ufffd") if isinstance(value, str) else value
+
+    def clean_all(params: Any) -> Any:
+        if isinstance(params, dict):
+            return {key: clean(value) for key, value in params.items()}
+        if isinstance(params, (list, tuple)):
+            return type(params)(clean(value) for value in params)
+        return params
+
+    return statement, [clean_all(p) for p in parameters] if executemany else clean_all(parameters)
 
 
 # Any constant: replicas starting at once on PostgreSQL take turns creating the schema.
