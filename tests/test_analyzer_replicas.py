@@ -11,6 +11,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import requests
 from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
@@ -137,3 +138,19 @@ def test_a_result_published_twice_is_attached_once(replicas, kafka_bootstrap, di
     consumed = sum(metric(s, "isplit_analyzer_results_consumed_total") for s in (a, b))
     duplicates = sum(metric(s, "isplit_analyzer_results_duplicate_total") for s in (a, b))
     assert (consumed, duplicates) == (2.0, 2.0)
+
+
+def test_a_job_cancelled_through_the_other_replica_stops_where_it_runs(replicas, postgres_url, digits_checkpoint):
+    a, b = replicas
+    job = a.submit(a.upload(digits_checkpoint), options={"max_images": 1437, "batch_size": 4, "top_k": 0})
+    a.wait(job, statuses=("running",))
+    runner, other = (a, b) if jobs_in_store(postgres_url, [job])[job].claimed_by == "a" else (b, a)
+    assert metric(runner, "isplit_analyzer_jobs_in_progress") == 1.0
+    r = requests.delete(f"{other.url}/v1/analyses/{job}", timeout=10)
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"
+    deadline = time.monotonic() + 3 * LEASE_SECONDS  # the runner's next lease renewal notices
+    while metric(runner, "isplit_analyzer_jobs_in_progress") != 0.0:
+        assert time.monotonic() < deadline, runner.proc.log()
+        time.sleep(0.5)
+    assert "no longer held" in runner.proc.log()
+    assert runner.get(f"/v1/analyses/{job}").json()["status"] == "cancelled"
