@@ -149,6 +149,17 @@ def test_a_cancelled_job_is_reported_lost_to_its_holder(sessions):
         assert renew_leases(s, "a", {job_id: claim.attempt}, LEASE, now=after(1)) == {job_id}  # type: ignore[union-attr]
 
 
+def test_a_job_its_own_analysis_finished_is_still_held(sessions):
+    (job_id,) = add_jobs(sessions, 1)
+    with sessions.begin() as s:
+        claim = claim_next_job(s, "a", LEASE, now=after(0))
+        assert claim is not None
+        s.execute(update(Job).where(held(claim)).values(status=ANALYSED))  # as the analysis process does
+    with sessions.begin() as s:
+        assert renew_leases(s, "a", {job_id: claim.attempt}, LEASE, now=after(1)) == set()
+        assert renew_leases(s, "a", {job_id: claim.attempt - 1}, LEASE, now=after(1)) == {job_id}  # an older claim
+
+
 def test_analysed_jobs_are_published_by_one_replica_until_its_lease_lapses(sessions):
     (job_id,) = add_jobs(sessions, 1, status=ANALYSED)  # e.g. left by a release, lease empty
     with sessions.begin() as s:

@@ -271,7 +271,8 @@ def renew_leases(
 ) -> set[str]:
     """Extend ``replica``'s leases by ``lease_s`` from ``now``: the jobs it runs (``running``:
     job id -> attempt) and the analysed jobs it publishes. Returns the ids in ``running`` it no
-    longer holds (taken over, cancelled, failed): their analyses must stop."""
+    longer holds (taken over, given back, cancelled): their analyses must stop. A job its own
+    analysis just finished (analysed, failed) is still held: the runner reaps it."""
     until = (now or utcnow()) + timedelta(seconds=lease_s)
     session.execute(
         update(Job)
@@ -282,7 +283,9 @@ def renew_leases(
         .values(lease_until=until, updated_at=Job.updated_at)
     )
     rows = session.execute(
-        select(Job.id, Job.attempts).where(Job.id.in_(list(running)), Job.status == RUNNING, Job.claimed_by == replica)
+        select(Job.id, Job.attempts).where(
+            Job.id.in_(list(running)), Job.claimed_by == replica, Job.status.not_in((QUEUED, CANCELLED))
+        )
     )
     still = {job_id for job_id, attempt in rows if running[job_id] == attempt}
     return set(running) - still
