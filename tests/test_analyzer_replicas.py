@@ -84,6 +84,7 @@ def test_two_replicas_run_each_job_exactly_once(replicas, postgres_url, kafka_bo
     rows = jobs_in_store(postgres_url, jobs)
     assert {job_id: row.attempts for job_id, row in rows.items()} == dict.fromkeys(jobs, 1)
     assert {row.claimed_by for row in rows.values()} == {"a", "b"}  # both did work
+    assert "no longer held" not in a.proc.log() + b.proc.log()  # no analysis was cut short
     published = collect(
         kafka_bootstrap, a.topics.candidates, SplitCandidate, lambda c: c.analysis_id in jobs, count=6, linger_s=3
     )
