@@ -47,10 +47,11 @@ ALL_FEATURES = {
         "ingressFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}],
         "kubeApiServer": {"cidrs": ["10.0.0.1/32"]},
         "kafka": {"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kafka"}}}]},
+        "database": {"to": [{"ipBlock": {"cidr": "10.1.2.3/32"}}]},
     },
     "analyzer": {
         "replicaCount": 2,
-        "database": {"existingSecret": "isplit-database"},
+        "database": {"existingSecret": "isplit-database", "leaseSeconds": 12},
         "auth": {"existingSecret": "isplit-api-tokens", "existingSecretKey": "tokens"},
     },
     "tailServing": {
@@ -272,6 +273,7 @@ def test_helm_lint_strict_passes(helm, extra):
         ("kafka.bootstrapServers=not-an-address", "bootstrapServers"),
         ("artifacts.persistence.accessModes={ReadWriteEverywhere}", "accessModes"),
         ("analyzer.unknownSetting=1", "unknownSetting"),
+        ("analyzer.database.leaseSeconds=0", "leaseSeconds"),
     ],
 )
 def test_values_schema_rejects_bad_values(helm, flag, message):
@@ -543,6 +545,41 @@ def test_kafka_sasl_credentials_come_from_the_existing_secret(helm, tmp_path_fac
             "key": "password",
         }
     assert not find(docs, "Secret")
+
+
+# --- the analyzer's job store --------------------------------------------------------------------
+
+
+def test_analyzer_replicas_share_an_external_postgresql(all_docs):
+    deployment = one(all_docs, "Deployment", f"{RELEASE}-analyzer")["spec"]
+    assert deployment["replicas"] == 2
+    assert "strategy" not in deployment  # rolling updates: a stopping replica hands its jobs back
+    volumes = {v["name"]: v for v in deployment["template"]["spec"]["volumes"]}
+    assert "emptyDir" in volumes["state"]
+    assert f"{RELEASE}-analyzer" not in {c["metadata"]["name"] for c in find(all_docs, "PersistentVolumeClaim")}
+    assert config_env(all_docs, "analyzer")["ISPLIT_ANALYZER_LEASE_SECONDS"] == "12"
+    database = [rule for rule in _policy(all_docs, "analyzer")["egress"] if 5432 in _ports(rule)]
+    assert database == [{"ports": [{"port": 5432, "protocol": "TCP"}], "to": [{"ipBlock": {"cidr": "10.1.2.3/32"}}]}]
+
+
+def test_sqlite_state_keeps_one_replica_and_no_database_egress(default_docs):
+    deployment = one(default_docs, "Deployment", f"{RELEASE}-analyzer")["spec"]
+    assert (deployment["replicas"], deployment["strategy"]) == (1, {"type": "Recreate"})
+    assert config_env(default_docs, "analyzer")["ISPLIT_ANALYZER_LEASE_SECONDS"] == "30"
+    ports = set().union(*(_ports(rule) for rule in _policy(default_docs, "analyzer")["egress"]))
+    assert 5432 not in ports
+
+
+def test_the_analyzer_reads_the_charts_database_settings(all_docs, monkeypatch):
+    from isplit_analyzer.config import Settings
+
+    for key, value in config_env(all_docs, "analyzer").items():
+        monkeypatch.setenv(key, value)
+    # What the Secret holds, as a managed PostgreSQL hands it out (no driver in the scheme).
+    monkeypatch.setenv("DATABASE_URL", "postgresql://isplit:pw@postgres.db:5432/isplit")
+    settings = Settings()
+    assert settings.db_url() == "postgresql+psycopg://isplit:pw@postgres.db:5432/isplit"
+    assert settings.analyzer_lease_seconds == 12.0
 
 
 # --- GPU scheduling --------------------------------------------------------------------------------

@@ -227,7 +227,7 @@ deadLetter: {{ printf "%sisplit.dead-letter.v1" .Values.kafka.topicPrefix }}
 {{- $errors = append $errors "metrics.serviceMonitor.enabled and metrics.podMonitor.enabled select the same pods: enable one of them" -}}
 {{- end -}}
 {{- if and (gt (int .Values.analyzer.replicaCount) 1) (not .Values.analyzer.database.existingSecret) -}}
-{{- $errors = append $errors "analyzer.replicaCount > 1 needs a shared database: set analyzer.database.existingSecret (SQLite on a volume supports one replica)" -}}
+{{- $errors = append $errors "analyzer.replicaCount > 1 needs a shared database: set analyzer.database.existingSecret to a Secret holding a PostgreSQL URL (SQLite on a volume supports one replica)" -}}
 {{- end -}}
 {{- if and (eq .Values.trainer.executor "kubernetes") (not .Values.trainer.serviceAccount.create) (not .Values.trainer.serviceAccount.name) -}}
 {{- $errors = append $errors "trainer.executor=kubernetes needs a ServiceAccount allowed to create Jobs: set trainer.serviceAccount.create=true or name an existing one" -}}
