@@ -11,7 +11,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-import requests
 from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
 
