@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import threading
@@ -154,7 +155,7 @@ def main() -> int:
     ms = sorted(probe.ms)
     result = {
         "args": {k: str(v) for k, v in vars(args).items()},
-        "machine": machine | {"load_average_end": load_line(machine)},
+        "machine": machine | {"load_average_end": [round(v, 2) for v in os.getloadavg()]},
         "idle": idle,
         "idle_summary": summarise(idle),
         "batch": batch,
