@@ -35,6 +35,9 @@ class Settings(ServiceSettings):
     analyzer_host: str = "127.0.0.1"
     analyzer_port: int = 8000
     analyzer_workers: int = Field(default=1, ge=1, le=16, description="analyses run at once")
+    analyzer_worker_memory_mb: int = Field(
+        default=0, ge=0, description="memory limit of each analysis process (RLIMIT_DATA), MiB; 0 = none"
+    )
     analyzer_device: str = "auto"
     max_upload_bytes: int = Field(
         default=200 * 1024 * 1024, ge=1, description="POST /v1/models body limit (file and multipart framing)"

@@ -15,7 +15,6 @@ claim, so a replica that lost a job cannot finish it too.
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 import threading
 import time
@@ -51,6 +50,7 @@ from isplit_analyzer.store import (
     session_factory,
     utcnow,
 )
+from isplit_analyzer.workers import AnalysisWorkers
 
 log = logging.getLogger("isplit.analyzer.jobs")
 
@@ -209,7 +209,7 @@ class JobRunner:
         self._lease_thread: threading.Thread | None = None
         self._producer: Any = None
         self._next_publish_try = 0.0
-        self._ctx = multiprocessing.get_context("spawn")
+        self._workers = AnalysisWorkers(settings.analyzer_worker_memory_mb * 2**20)
 
     # lifecycle
     def start(self) -> None:
@@ -296,10 +296,7 @@ class JobRunner:
                 str(self.settings.artifact_root.resolve()),
                 self.settings.analyzer_device,
             )
-            proc = self._ctx.Process(
-                target=run_analysis_job, args=(args,), name=f"analysis-{claim.job_id}", daemon=True
-            )
-            proc.start()
+            proc = self._workers.start(run_analysis_job, (args,), name=f"analysis-{claim.job_id}")
             self._children[claim.job_id] = (proc, claim)
             metrics.IN_PROGRESS.inc()
 
