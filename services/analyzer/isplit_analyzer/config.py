@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, model_validator
 
 from isplit.settings import ServiceSettings
 
@@ -23,9 +24,24 @@ class Settings(ServiceSettings):
     analyzer_port: int = 8000
     analyzer_workers: int = Field(default=1, ge=1, le=16, description="analyses run at once")
     analyzer_device: str = "auto"
+    analyzer_executor: Literal["inline", "kubernetes"] = Field(
+        default="inline", description="inline: child processes here; kubernetes: one Indexed Job per analysis"
+    )
+    analyzer_shards: int = Field(default=2, ge=1, le=64, description="kubernetes executor: shards (pods) per analysis")
+    analyzer_job_template: str = Field(
+        default="", description="kubernetes executor: the Job template JSON (isplit_analyzer.executors)"
+    )
     max_upload_bytes: int = 200 * 1024 * 1024
     publish_retry_seconds: float = 5.0
     results_group: str = "isplit-analyzer"
+
+    @model_validator(mode="after")
+    def _kubernetes_needs_a_template(self) -> Settings:
+        if self.analyzer_executor == "kubernetes" and not self.analyzer_job_template:
+            raise ValueError(
+                "ISPLIT_ANALYZER_EXECUTOR=kubernetes needs ISPLIT_ANALYZER_JOB_TEMPLATE (the chart renders it)"
+            )
+        return self
 
     def db_url(self) -> str:
         """The job store's SQLAlchemy URL (the SQLite file's directory is made at start-up)."""

@@ -2,7 +2,8 @@
 
 Lifecycle: ``queued`` -> ``running`` (a child process computes the curve, writes the report
 and the candidate messages) -> ``analysed`` -> the parent publishes each candidate (acks=all,
-idempotent producer) and marks it -> ``succeeded``. A publish failure leaves the job
+idempotent producer) and marks it -> ``succeeded``. With ``ISPLIT_ANALYZER_EXECUTOR=kubernetes``
+the child runs the analysis as an Indexed Job and merges its shards (``executors``). A publish failure leaves the job
 ``analysed`` with the error, and it is retried; a crash re-queues ``running`` jobs at start-up.
 """
 
@@ -14,6 +15,7 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,8 +74,29 @@ class ChildArgs:
     device: str
 
 
-def run_analysis_job(args: ChildArgs) -> None:
-    """Entry point of the analysis process: compute, write the report, store the candidates."""
+Compute = Callable[[ChildArgs, AcceptedAnalysis, Callable[[int], None]], AnalysisResult]
+
+
+def compute_inline(args: ChildArgs, req: AcceptedAnalysis, progress: Callable[[int], None]) -> AnalysisResult:
+    """The analysis in this process (``isplit.analysis.run_analysis``)."""
+    from isplit.analysis import run_analysis
+
+    return run_analysis(
+        model_path(Path(args.artifact_root), req.model_id),
+        req.dataset,
+        arch=req.arch,
+        classes=req.classes,
+        max_images=req.options.max_images,
+        batch_size=req.options.batch_size,
+        target=req.options.target,
+        device=args.device,
+        progress=progress,
+    )
+
+
+def run_analysis_job(args: ChildArgs, compute: Compute | None = None) -> None:
+    """Entry point of the analysis process: compute (here, or as ``executors`` says), write the
+    report, store the candidates."""
     parent = os.getppid()
     sessions = session_factory(make_engine(args.db_url))
     root = Path(args.artifact_root)
@@ -93,19 +116,9 @@ def run_analysis_job(args: ChildArgs) -> None:
                 s.execute(update(Job).where(Job.id == args.job_id).values(images_done=done))
 
     try:
-        from isplit.analysis import run_analysis, write_report
+        from isplit.analysis import write_report
 
-        result = run_analysis(
-            model_path(root, req.model_id),
-            req.dataset,
-            arch=req.arch,
-            classes=req.classes,
-            max_images=req.options.max_images,
-            batch_size=req.options.batch_size,
-            target=req.options.target,
-            device=args.device,
-            progress=progress,
-        )
+        result = (compute or compute_inline)(args, req, progress)
         write_report(result, report_dir(root, args.job_id))
         rows = _candidate_rows(args.job_id, req, result)
         with sessions.begin() as s:
@@ -221,11 +234,14 @@ class JobRunner:
             log.warning("re-queued %d job(s) caught running by a restart", n)
 
     def cancel(self, job_id: str) -> None:
+        from isplit_analyzer.executors import cancel_analysis
+
         proc = self._children.pop(job_id, None)
         if proc is not None:
             proc.terminate()
             proc.join(timeout=5)
             metrics.IN_PROGRESS.dec()
+        cancel_analysis(self.settings, job_id)
 
     # the loop
     def _loop(self) -> None:
@@ -239,6 +255,8 @@ class JobRunner:
             self._stop.wait(0.2)
 
     def _launch(self) -> None:
+        from isplit_analyzer.executors import analysis_compute
+
         while len(self._children) < self.settings.analyzer_workers:
             with self.sessions.begin() as s:
                 job = s.scalars(select(Job).where(Job.status == QUEUED).order_by(Job.created_at).limit(1)).first()
@@ -258,7 +276,10 @@ class JobRunner:
                 str(self.settings.artifact_root.resolve()),
                 self.settings.analyzer_device,
             )
-            proc = self._ctx.Process(target=run_analysis_job, args=(args,), name=f"analysis-{job_id}", daemon=True)
+            compute = analysis_compute(self.settings)
+            proc = self._ctx.Process(
+                target=run_analysis_job, args=(args, compute), name=f"analysis-{job_id}", daemon=True
+            )
             proc.start()
             self._children[job_id] = proc
             metrics.IN_PROGRESS.inc()
