@@ -46,7 +46,17 @@ ALL_FEATURES = {
         "kubeApiServer": {"cidrs": ["10.0.0.1/32"]},
         "kafka": {"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kafka"}}}]},
     },
-    "analyzer": {"replicaCount": 2, "database": {"existingSecret": "isplit-database"}},
+    "analyzer": {
+        "replicaCount": 2,
+        "database": {"existingSecret": "isplit-database"},
+        "executor": "kubernetes",
+        "kubernetesExecutor": {
+            "shards": 3,
+            "gpuCount": 1,
+            "device": "cuda",
+            "nodeSelector": {"nvidia.com/gpu.present": "true"},
+        },  # fmt: skip
+    },
     "tailServing": {
         "autoscaling": {"targetMemoryUtilizationPercentage": 80},
         "pdb": {"minAvailable": "", "maxUnavailable": "50%"},
@@ -587,6 +597,47 @@ def test_kubernetes_executor_rbac_is_least_privilege(all_docs):
     job_account = one(all_docs, "ServiceAccount", f"{RELEASE}-training-job")
     assert job_account["automountServiceAccountToken"] is False
     assert not [b for b in find(all_docs, "RoleBinding") if b["subjects"][0]["name"] == f"{RELEASE}-training-job"]
+
+
+def test_analyzer_kubernetes_executor_rbac_is_least_privilege(all_docs):
+    role = one(all_docs, "Role", f"{RELEASE}-analyzer")
+    rules = {(tuple(r["apiGroups"]), tuple(r["resources"])): sorted(r["verbs"]) for r in role["rules"]}
+    assert rules == {
+        (("batch",), ("jobs",)): sorted(["create", "get", "list", "watch", "delete"]),
+        (("",), ("pods",)): ["list"],
+        (("",), ("pods/log",)): ["get"],
+    }
+    binding = one(all_docs, "RoleBinding", f"{RELEASE}-analyzer")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": f"{RELEASE}-analyzer", "namespace": NAMESPACE}]
+    analyzer = one(all_docs, "Deployment", f"{RELEASE}-analyzer")["spec"]["template"]["spec"]
+    assert analyzer["serviceAccountName"] == f"{RELEASE}-analyzer"
+    assert analyzer["automountServiceAccountToken"] is True
+    assert one(all_docs, "ServiceAccount", f"{RELEASE}-analysis-job")["automountServiceAccountToken"] is False
+    egress = _policy(all_docs, "analyzer")["egress"]
+    assert [_ports(rule) for rule in egress] == [{53}, {9092, 9093}, {443, 6443}]
+
+
+def test_chart_analysis_job_template_builds_a_valid_indexed_job_the_policies_select(all_docs):
+    from isplit_analyzer.executors import AnalysisJobTemplate
+
+    env = config_env(all_docs, "analyzer")
+    assert env["ISPLIT_ANALYZER_EXECUTOR"] == "kubernetes" and env["ISPLIT_ANALYZER_SHARDS"] == "3"
+    template = AnalysisJobTemplate.from_json(env["ISPLIT_ANALYZER_JOB_TEMPLATE"])
+    job = template.build(analysis_id="a-0123456789ab", request_json="{}", shards=3)
+    for version in K8S_VERSIONS:
+        kv.validate(job, version, strict=True)
+    assert (job["spec"]["completionMode"], job["spec"]["completions"]) == ("Indexed", 3)
+    pod = job["spec"]["template"]
+    assert pod["spec"]["serviceAccountName"] == f"{RELEASE}-analysis-job"
+    assert pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert pod["spec"]["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    analyzer = one(all_docs, "Deployment", f"{RELEASE}-analyzer")["spec"]["template"]["spec"]
+    assert pod["spec"]["containers"][0]["image"] == analyzer["containers"][0]["image"]
+    policy = _policy(all_docs, "analysis-job")
+    assert policy["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert "ingress" not in policy and "egress" not in policy
+    analyzer_policy = _policy(all_docs, "analyzer")
+    assert not (analyzer_policy["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items())
 
 
 def test_chart_job_template_builds_a_valid_job_the_policies_select(all_docs):
