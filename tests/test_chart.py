@@ -55,7 +55,7 @@ ALL_FEATURES = {
             "gpuCount": 1,
             "device": "cuda",
             "nodeSelector": {"nvidia.com/gpu.present": "true"},
-        },  # fmt: skip
+        },
     },
     "tailServing": {
         "autoscaling": {"targetMemoryUtilizationPercentage": 80},
@@ -901,7 +901,13 @@ def test_local_values_fit_the_one_node_cluster(helm, tmp_path_factory):
                 cpu += float(req[:-1]) / 1000 if req.endswith("m") else float(req)
     job = json.loads(config_env(docs, "trainer")["ISPLIT_TRAINER_JOB_TEMPLATE"])["resources"]["requests"]["cpu"]
     cpu += float(job[:-1]) / 1000 if job.endswith("m") else float(job)
-    assert cpu <= 1.5, f"the services and one training Job request {cpu} CPUs of a 2-CPU node"
+    analysis = render(
+        helm, tmp_path_factory, {"analyzer": {"executor": "kubernetes"}}, files=[CHART / "values-local.yaml"]
+    )
+    env = config_env(analysis, "analyzer")
+    pod = json.loads(env["ISPLIT_ANALYZER_JOB_TEMPLATE"])["resources"]["requests"]["cpu"]
+    cpu += int(env["ISPLIT_ANALYZER_SHARDS"]) * (float(pod[:-1]) / 1000 if pod.endswith("m") else float(pod))
+    assert cpu <= 1.5, f"the services, one training Job and an analysis's shards request {cpu} CPUs of a 2-CPU node"
 
 
 def test_analyzer_listens_on_every_address_in_the_pod(default_docs):
