@@ -96,7 +96,8 @@ class AnalysisIdentity(BaseModel):
 
 class ShardMeta(BaseModel):
     """The JSON beside the tensors of a stats file. ``index`` of ``count`` is the shard (0 of 1
-    for a whole selection); ``seconds`` the engine time, ``device`` where it ran."""
+    for a whole selection); ``seconds`` the engine time, ``load_seconds`` the time to load the
+    model and read the images (what every shard pays again), ``device`` where it ran."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -110,6 +111,7 @@ class ShardMeta(BaseModel):
     class_names: list[str]
     costs: CostProfile | None = None
     seconds: float = 0.0
+    load_seconds: float = 0.0
     device: str = ""
 
 
@@ -182,7 +184,9 @@ def run_shard(
 ) -> ShardStats:
     """Analyse shard ``index`` of ``count`` of the selection (see :func:`shard_bounds`); 0 of 1
     is the whole selection. ``progress`` gets the images of this shard done so far."""
+    t_load = time.perf_counter()
     sel = load_selection(weights, dataset, arch=arch, classes=classes, max_images=max_images, split=split)
+    load_seconds = time.perf_counter() - t_load
     total = len(sel.data)
     start, stop = shard_bounds(total, count, index, align=batch_size)
     part = ImageSet(sel.data.images[start:stop], sel.data.labels[start:stop], sel.data.class_names)
@@ -220,6 +224,7 @@ def run_shard(
         class_names=sel.data.class_names,
         costs=cut_costs(sel.model, shape, stats.points),
         seconds=seconds,
+        load_seconds=load_seconds,
         device=str(device),
     )
     return ShardStats(stats, meta)
@@ -335,8 +340,8 @@ def merge(stats_list: Sequence[ShardStats]) -> ShardStats:
 
     Every shard must have the same model, data set, selection, target and cut points, and the
     shards must be exactly ``0 .. count-1`` of the same ``count``, each once; otherwise
-    ``IsplitError`` naming what differs. ``seconds`` is the slowest shard's (shards run side
-    by side); ``device`` lists the devices used.
+    ``IsplitError`` naming what differs. ``seconds`` and ``load_seconds`` are the slowest
+    shard's (shards run side by side); ``device`` lists the devices used.
     """
     if not stats_list:
         raise IsplitError("no stats to merge")
@@ -355,7 +360,13 @@ def merge(stats_list: Sequence[ShardStats]) -> ShardStats:
     counts = sum(s.stats.counts for s in stats_list)
     devices = sorted({s.meta.device for s in stats_list})
     meta = m0.model_copy(
-        update={"index": 0, "count": 1, "seconds": max(s.meta.seconds for s in stats_list), "device": ",".join(devices)}
+        update={
+            "index": 0,
+            "count": 1,
+            "seconds": max(s.meta.seconds for s in stats_list),
+            "load_seconds": max(s.meta.load_seconds for s in stats_list),
+            "device": ",".join(devices),
+        }
     )
     return ShardStats(ImportanceStats(list(m0.points), sums, counts, m0.target), meta)  # type: ignore[arg-type]
 
