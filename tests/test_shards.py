@@ -27,7 +27,7 @@ from isplit.shards import (
 )
 from isplit.zoo import build_model
 
-PER_CLASS = 12  # test images per class in the image folder: 120 in all
+PER_CLASS = 8  # test images per class in the image folder: 80 in all
 MODELS = {"vgg": ("vgg11_bn", 0.125), "resnet": ("resnet18", 1.0)}
 
 
@@ -124,9 +124,17 @@ def test_bad_shard_requests_are_named():
 # -- merged shards equal the one-piece run ---------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def whole_runs() -> dict:
+    """One-piece results by weights file, computed once per module."""
+    return {}
+
+
 @pytest.mark.parametrize("count", [1, 2, 3])
-def test_merged_shards_give_the_one_piece_curve(weights, digit_folder, count):
-    whole = run_analysis(weights, digit_folder, max_images=None, batch_size=16, device="cpu")
+def test_merged_shards_give_the_one_piece_curve(weights, digit_folder, count, whole_runs):
+    if weights not in whole_runs:
+        whole_runs[weights] = run_analysis(weights, digit_folder, max_images=None, batch_size=16, device="cpu")
+    whole = whole_runs[weights]
     shards = _shards(weights, digit_folder, count)
     merged = result_from_stats(merge(shards[::-1]))  # any order
     _assert_same_result(merged, whole)
@@ -137,7 +145,7 @@ def test_merged_shards_give_the_one_piece_curve(weights, digit_folder, count):
 
 
 def test_unaligned_shards_agree_within_fp32_tolerance(vgg_weights, digit_folder):
-    """Batch size 64 and 3 shards of 120 images: shards of 40, batches unlike the one-piece run."""
+    """Batch size 64 and 3 shards of 80 images: shards of 27, 27, 26, batches unlike the one-piece run."""
     whole = run_analysis(vgg_weights, digit_folder, max_images=None, batch_size=64, device="cpu")
     merged = result_from_stats(merge(_shards(vgg_weights, digit_folder, 3, batch_size=64)))
     _assert_same_result(merged, whole)
@@ -242,7 +250,7 @@ def _curve(folder: Path) -> AnalysisResult:
 
 
 def test_cli_shards_and_merge_write_the_one_piece_result(vgg_weights, digit_folder, tmp_path, capsys):
-    common = ["--weights", str(vgg_weights), "--dataset", digit_folder, "--max-images", "120", "--batch-size", "16",
+    common = ["--weights", str(vgg_weights), "--dataset", digit_folder, "--max-images", "80", "--batch-size", "16",
               "--device", "cpu"]  # fmt: skip
     assert cli_main(["analyze", *common, "--out", str(tmp_path / "whole")]) == 0
     assert cli_main(["analyze", *common, "--shards", "2", "--out", str(tmp_path / "two")]) == 0
@@ -261,7 +269,7 @@ def test_cli_shards_and_merge_write_the_one_piece_result(vgg_weights, digit_fold
 def test_cli_shard_index_comes_from_the_indexed_job_environment(vgg_weights, digit_folder, tmp_path, monkeypatch):
     monkeypatch.setenv("JOB_COMPLETION_INDEX", "1")
     out = tmp_path / "s.npz"
-    args = ["analyze", "--weights", str(vgg_weights), "--dataset", digit_folder, "--max-images", "120",
+    args = ["analyze", "--weights", str(vgg_weights), "--dataset", digit_folder, "--max-images", "80",
             "--batch-size", "16", "--device", "cpu", "--shards", "2", "--stats-out", str(out)]  # fmt: skip
     assert cli_main(args) == 0
     assert (load_stats(out).meta.index, load_stats(out).meta.count) == (1, 2)
