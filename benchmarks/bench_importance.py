@@ -105,6 +105,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json-out", type=Path, default=None)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
+    # Sharding (isplit.shards): a separate measurement, see shard_costs().
+    p.add_argument("--shards", type=int, nargs="+", default=None,
+                   help="instead of the method comparison: run the analysis as N shards in N processes, per N")  # fmt: skip
+    p.add_argument("--shard-dataset", default="digits", help="data set of the sharded runs (grayscale)")
     return p.parse_args(argv)
 
 
@@ -502,8 +506,82 @@ def report(r: dict) -> str:
     return "\n".join(lines)
 
 
+# -- sharding: what N shards cost and save ----------------------------------------------------
+
+
+def shard_costs(args: argparse.Namespace) -> dict:
+    """The same analysis (a checkpoint of the seeded model, ``--images`` of ``--shard-dataset``)
+    run whole in this process, then as N shards in N processes (``isplit.shards.run_shards``, as
+    ``isplit analyze --shards N`` does) and merged, for each N of ``--shards``. Each shard pays
+    the process start, the model load and the data read again (``load_seconds``); the engine
+    time is shared out. Checks that every merged curve equals the whole one (1e-4 relative)."""
+    import tempfile
+
+    from isplit.analysis import result_from_stats, run_analysis
+    from isplit.checkpoint import ModelInfo, save_checkpoint
+    from isplit.shards import load_stats, merge, run_shards
+
+    classes = load_dataset(args.shard_dataset, "test").class_names
+    torch.manual_seed(args.seed)
+    model = build_model(args.arch, num_classes=len(classes), in_channels=1, input_size=args.input_size,
+                        width=args.width)  # fmt: skip
+    info = ModelInfo(arch=args.arch, num_classes=len(classes), in_channels=1, input_size=args.input_size,
+                     width=args.width, class_names=classes, mean=[0.5], std=[0.25])  # fmt: skip
+    options = {"max_images": args.images, "batch_size": args.batch_size, "device": args.device}
+    out: dict = {"dataset": args.shard_dataset, "device": args.device, "cpu": cpu_name(), "runs": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp) / "model.pt"
+        save_checkpoint(weights, model, info)
+        run_analysis(weights, args.shard_dataset, **{**options, "max_images": args.batch_size})  # warm-up
+        t0 = time.perf_counter()
+        whole = run_analysis(weights, args.shard_dataset, **options)
+        out["whole"] = {"wall_s": time.perf_counter() - t0, "engine_s": whole.seconds, "images": whole.curve.num_images}
+        for n in args.shards:
+            t0 = time.perf_counter()
+            paths = run_shards(weights, args.shard_dataset, count=n, folder=Path(tmp) / f"n{n}", **options)
+            computed = time.perf_counter() - t0
+            shards = [load_stats(p) for p in paths]
+            merged = result_from_stats(merge(shards))
+            wall = time.perf_counter() - t0
+            rel = max(abs(a.cui - b.cui) / max(abs(b.cui), 1e-30)
+                      for a, b in zip(merged.curve.points, whole.curve.points, strict=True))  # fmt: skip
+            same = merged.curve.candidates == whole.curve.candidates and merged.curve.best == whole.curve.best
+            out["runs"].append({
+                "shards": n,
+                "wall_s": wall,
+                "merge_s": wall - computed,
+                "load_s": [s.meta.load_seconds for s in shards],
+                "engine_s": [s.meta.seconds for s in shards],
+                "start_s": computed - max(s.meta.load_seconds + s.meta.seconds for s in shards),
+                "max_rel_cui_diff": rel,
+                "ok": rel <= CUI_TOLERANCE and same,
+            })  # fmt: skip
+    return out
+
+
+def shard_report(r: dict) -> str:
+    w = r["whole"]
+    lines = [f"sharding on {r['device']} ({r['cpu']}): {w['images']} images of {r['dataset']}",
+             f"  whole, in process     {w['wall_s']:7.2f} s wall ({w['engine_s']:.2f} s engine)"]  # fmt: skip
+    for run in r["runs"]:
+        lines.append(
+            f"  {run['shards']} shard(s), {run['shards']} proc  {run['wall_s']:7.2f} s wall = process start "
+            f"{run['start_s']:.2f} + load/read {max(run['load_s']):.2f} + engine {max(run['engine_s']):.2f} "
+            f"(shards: {', '.join(f'{x:.2f}' for x in run['engine_s'])}) + merge {run['merge_s']:.2f}; "
+            f"max rel CUI diff {run['max_rel_cui_diff']:.1e} {'ok' if run['ok'] else 'FAILED'}"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.shards:
+        result = shard_costs(args)
+        print(shard_report(result))
+        if args.json_out is not None:
+            args.json_out.parent.mkdir(parents=True, exist_ok=True)
+            args.json_out.write_text(json.dumps(result, indent=1))
+        return 0 if all(run["ok"] for run in result["runs"]) else 1
     if args.amp == "bf16" and not args.device.startswith("cuda"):
         print("note: bf16 autocast on a CPU is slow and only checks the numbers", file=sys.stderr)
     result = run(args)

@@ -53,6 +53,13 @@ ALL_FEATURES = {
         "replicaCount": 2,
         "database": {"existingSecret": "isplit-database", "leaseSeconds": 12},
         "auth": {"existingSecret": "isplit-api-tokens", "existingSecretKey": "tokens"},
+        "executor": "kubernetes",
+        "kubernetesExecutor": {
+            "shards": 3,
+            "gpuCount": 1,
+            "device": "cuda",
+            "nodeSelector": {"nvidia.com/gpu.present": "true"},
+        },
     },
     "tailServing": {
         "autoscaling": {"targetMemoryUtilizationPercentage": 80},
@@ -649,6 +656,47 @@ def test_kubernetes_executor_rbac_is_least_privilege(all_docs):
     assert not [b for b in find(all_docs, "RoleBinding") if b["subjects"][0]["name"] == f"{RELEASE}-training-job"]
 
 
+def test_analyzer_kubernetes_executor_rbac_is_least_privilege(all_docs):
+    role = one(all_docs, "Role", f"{RELEASE}-analyzer")
+    rules = {(tuple(r["apiGroups"]), tuple(r["resources"])): sorted(r["verbs"]) for r in role["rules"]}
+    assert rules == {
+        (("batch",), ("jobs",)): sorted(["create", "get", "list", "watch", "delete"]),
+        (("",), ("pods",)): ["list"],
+        (("",), ("pods/log",)): ["get"],
+    }
+    binding = one(all_docs, "RoleBinding", f"{RELEASE}-analyzer")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": f"{RELEASE}-analyzer", "namespace": NAMESPACE}]
+    analyzer = one(all_docs, "Deployment", f"{RELEASE}-analyzer")["spec"]["template"]["spec"]
+    assert analyzer["serviceAccountName"] == f"{RELEASE}-analyzer"
+    assert analyzer["automountServiceAccountToken"] is True
+    assert one(all_docs, "ServiceAccount", f"{RELEASE}-analysis-job")["automountServiceAccountToken"] is False
+    egress = _policy(all_docs, "analyzer")["egress"]
+    assert [_ports(rule) for rule in egress] == [{53}, {9092, 9093}, {443, 6443}]
+
+
+def test_chart_analysis_job_template_builds_a_valid_indexed_job_the_policies_select(all_docs):
+    from isplit_analyzer.executors import AnalysisJobTemplate
+
+    env = config_env(all_docs, "analyzer")
+    assert env["ISPLIT_ANALYZER_EXECUTOR"] == "kubernetes" and env["ISPLIT_ANALYZER_SHARDS"] == "3"
+    template = AnalysisJobTemplate.from_json(env["ISPLIT_ANALYZER_JOB_TEMPLATE"])
+    job = template.build(analysis_id="a-0123456789ab", request_json="{}", shards=3)
+    for version in K8S_VERSIONS:
+        kv.validate(job, version, strict=True)
+    assert (job["spec"]["completionMode"], job["spec"]["completions"]) == ("Indexed", 3)
+    pod = job["spec"]["template"]
+    assert pod["spec"]["serviceAccountName"] == f"{RELEASE}-analysis-job"
+    assert pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert pod["spec"]["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    analyzer = one(all_docs, "Deployment", f"{RELEASE}-analyzer")["spec"]["template"]["spec"]
+    assert pod["spec"]["containers"][0]["image"] == analyzer["containers"][0]["image"]
+    policy = _policy(all_docs, "analysis-job")
+    assert policy["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert "ingress" not in policy and "egress" not in policy
+    analyzer_policy = _policy(all_docs, "analyzer")
+    assert not (analyzer_policy["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items())
+
+
 def test_chart_job_template_builds_a_valid_job_the_policies_select(all_docs):
     from isplit_trainer.k8s_executor import JobTemplate
 
@@ -944,7 +992,13 @@ def test_local_values_fit_the_one_node_cluster(helm, tmp_path_factory):
                 cpu += float(req[:-1]) / 1000 if req.endswith("m") else float(req)
     job = json.loads(config_env(docs, "trainer")["ISPLIT_TRAINER_JOB_TEMPLATE"])["resources"]["requests"]["cpu"]
     cpu += float(job[:-1]) / 1000 if job.endswith("m") else float(job)
-    assert cpu <= 1.5, f"the services and one training Job request {cpu} CPUs of a 2-CPU node"
+    analysis = render(
+        helm, tmp_path_factory, {"analyzer": {"executor": "kubernetes"}}, files=[CHART / "values-local.yaml"]
+    )
+    env = config_env(analysis, "analyzer")
+    pod = json.loads(env["ISPLIT_ANALYZER_JOB_TEMPLATE"])["resources"]["requests"]["cpu"]
+    cpu += int(env["ISPLIT_ANALYZER_SHARDS"]) * (float(pod[:-1]) / 1000 if pod.endswith("m") else float(pod))
+    assert cpu <= 1.5, f"the services, one training Job and an analysis's shards request {cpu} CPUs of a 2-CPU node"
 
 
 def test_analyzer_listens_on_every_address_in_the_pod(default_docs):

@@ -144,6 +144,12 @@ imagePullSecrets:
 {{- default "default" .Values.trainer.serviceAccount.name -}}
 {{- end -}}
 {{- end -}}
+{{- define "isplit.analyzer.serviceAccountName" -}}
+{{- default (include "isplit.componentName" (dict "root" . "component" "analyzer")) .Values.analyzer.serviceAccount.name -}}
+{{- end -}}
+{{- define "isplit.analysisJob.serviceAccountName" -}}
+{{- include "isplit.componentName" (dict "root" . "component" "analysis-job") -}}
+{{- end -}}
 {{- define "isplit.trainingJob.serviceAccountName" -}}
 {{- include "isplit.componentName" (dict "root" . "component" "training-job") -}}
 {{- end -}}
@@ -270,5 +276,19 @@ deadLetter: {{ printf "%sisplit.dead-letter.v1" .Values.kafka.topicPrefix }}
   {{- with .Values.networkPolicy.kafka.to }}
   to:
     {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end -}}
+{{- define "isplit.np.kubeApiEgress" -}}
+- ports:
+    {{- range .Values.networkPolicy.kubeApiServer.ports }}
+    - port: {{ . }}
+      protocol: TCP
+    {{- end }}
+  {{- with .Values.networkPolicy.kubeApiServer.cidrs }}
+  to:
+    {{- range . }}
+    - ipBlock:
+        cidr: {{ . | quote }}
+    {{- end }}
   {{- end }}
 {{- end -}}

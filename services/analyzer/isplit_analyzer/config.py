@@ -6,8 +6,9 @@ import os
 import socket
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 
 from isplit.settings import ServiceSettings
 
@@ -39,6 +40,13 @@ class Settings(ServiceSettings):
         default=0, ge=0, description="memory limit of each analysis process (RLIMIT_DATA), MiB; 0 = none"
     )
     analyzer_device: str = "auto"
+    analyzer_executor: Literal["inline", "kubernetes"] = Field(
+        default="inline", description="inline: child processes here; kubernetes: one Indexed Job per analysis"
+    )
+    analyzer_shards: int = Field(default=2, ge=1, le=64, description="kubernetes executor: shards (pods) per analysis")
+    analyzer_job_template: str = Field(
+        default="", description="kubernetes executor: the Job template JSON (isplit_analyzer.executors)"
+    )
     max_upload_bytes: int = Field(
         default=200 * 1024 * 1024, ge=1, description="POST /v1/models body limit (file and multipart framing)"
     )
@@ -60,6 +68,14 @@ class Settings(ServiceSettings):
         if url and scheme not in DB_DRIVERS:
             raise ValueError(f"database URL scheme {scheme!r} is not supported; use {' or '.join(DB_SCHEMES)}")
         return url
+
+    @model_validator(mode="after")
+    def _kubernetes_needs_a_template(self) -> Settings:
+        if self.analyzer_executor == "kubernetes" and not self.analyzer_job_template:
+            raise ValueError(
+                "ISPLIT_ANALYZER_EXECUTOR=kubernetes needs ISPLIT_ANALYZER_JOB_TEMPLATE (the chart renders it)"
+            )
+        return self
 
     def db_url(self) -> str:
         """The job store's SQLAlchemy URL (the SQLite file's directory is made at start-up);

@@ -2,8 +2,9 @@
 
 Lifecycle: ``queued`` -> ``running`` (a child process computes the curve, writes the report
 and the candidate messages) -> ``analysed`` -> the parent publishes each candidate (acks=all,
-idempotent producer) and marks it -> ``succeeded``. A publish failure leaves the job
-``analysed`` with the error, and it is retried.
+idempotent producer) and marks it -> ``succeeded``. With ``ISPLIT_ANALYZER_EXECUTOR=kubernetes``
+the child runs the analysis as an Indexed Job and merges its shards (``executors``). A publish
+failure leaves the job ``analysed`` with the error, and it is retried.
 
 Several replicas may share the job store (PostgreSQL): each claims jobs atomically and holds
 them under a lease that a thread renews (``store.claim_next_job``); a replica that dies stops
@@ -19,6 +20,7 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,9 +83,34 @@ class ChildArgs:
     artifact_root: str
     device: str
 
+    @property
+    def job_id(self) -> str:
+        return self.claim.job_id
 
-def run_analysis_job(args: ChildArgs) -> None:
-    """Entry point of the analysis process: compute, write the report, store the candidates."""
+
+Compute = Callable[[ChildArgs, AcceptedAnalysis, Callable[[int], None]], AnalysisResult]
+
+
+def compute_inline(args: ChildArgs, req: AcceptedAnalysis, progress: Callable[[int], None]) -> AnalysisResult:
+    """The analysis in this process (``isplit.analysis.run_analysis``)."""
+    from isplit.analysis import run_analysis
+
+    return run_analysis(
+        model_path(Path(args.artifact_root), req.model_id),
+        req.dataset,
+        arch=req.arch,
+        classes=req.classes,
+        max_images=req.options.max_images,
+        batch_size=req.options.batch_size,
+        target=req.options.target,
+        device=args.device,
+        progress=progress,
+    )
+
+
+def run_analysis_job(args: ChildArgs, compute: Compute | None = None) -> None:
+    """Entry point of the analysis process: compute (here, or as ``executors`` says), write the
+    report, store the candidates."""
     parent = os.getppid()
     claim = args.claim
     sessions = session_factory(make_engine(args.db_url))
@@ -104,19 +131,9 @@ def run_analysis_job(args: ChildArgs) -> None:
                 s.execute(update(Job).where(held(claim)).values(images_done=done))
 
     try:
-        from isplit.analysis import run_analysis, write_report
+        from isplit.analysis import write_report
 
-        result = run_analysis(
-            model_path(root, req.model_id),
-            req.dataset,
-            arch=req.arch,
-            classes=req.classes,
-            max_images=req.options.max_images,
-            batch_size=req.options.batch_size,
-            target=req.options.target,
-            device=args.device,
-            progress=progress,
-        )
+        result = (compute or compute_inline)(args, req, progress)
         write_report(result, report_dir(root, claim.job_id))
         rows = _candidate_rows(claim.job_id, req, result)
         with sessions.begin() as s:
@@ -249,11 +266,14 @@ class JobRunner:
             log.warning(message, n)
 
     def cancel(self, job_id: str) -> None:
+        from isplit_analyzer.executors import cancel_analysis
+
         child = self._children.pop(job_id, None)
         if child is not None:
             child[0].terminate()
             child[0].join(timeout=5)
             metrics.IN_PROGRESS.dec()
+        cancel_analysis(self.settings, job_id)
 
     # the leases, on their own thread so that a slow Kafka publish cannot let them lapse
     def _keep_leases(self) -> None:
@@ -281,6 +301,8 @@ class JobRunner:
             self._stop.wait(0.2)
 
     def _launch(self) -> None:
+        from isplit_analyzer.executors import analysis_compute
+
         while len(self._children) < self.settings.analyzer_workers:
             with self.sessions.begin() as s:
                 claim = claim_next_job(s, self.replica, self.settings.analyzer_lease_seconds)
@@ -296,7 +318,8 @@ class JobRunner:
                 str(self.settings.artifact_root.resolve()),
                 self.settings.analyzer_device,
             )
-            proc = self._workers.start(run_analysis_job, (args,), name=f"analysis-{claim.job_id}")
+            compute = analysis_compute(self.settings)
+            proc = self._workers.start(run_analysis_job, (args, compute), name=f"analysis-{claim.job_id}")
             self._children[claim.job_id] = (proc, claim)
             metrics.IN_PROGRESS.inc()
 
