@@ -551,7 +551,8 @@ def test_kafka_sasl_credentials_come_from_the_existing_secret(helm, tmp_path_fac
             "name": "isplit-kafka-user",
             "key": "password",
         }
-    assert not find(docs, "Secret")
+    # The Kafka credentials are only referenced; the one Secret rendered holds the API token.
+    assert [d["metadata"]["name"] for d in find(docs, "Secret")] == [f"{RELEASE}-analyzer-auth"]
 
 
 # --- the analyzer's job store --------------------------------------------------------------------
@@ -671,7 +672,7 @@ def test_analyzer_kubernetes_executor_rbac_is_least_privilege(all_docs):
     assert analyzer["automountServiceAccountToken"] is True
     assert one(all_docs, "ServiceAccount", f"{RELEASE}-analysis-job")["automountServiceAccountToken"] is False
     egress = _policy(all_docs, "analyzer")["egress"]
-    assert [_ports(rule) for rule in egress] == [{53}, {9092, 9093}, {443, 6443}]
+    assert [_ports(rule) for rule in egress] == [{53}, {9092, 9093}, {5432}, {443, 6443}]  # DNS, Kafka, DB, API
 
 
 def test_chart_analysis_job_template_builds_a_valid_indexed_job_the_policies_select(all_docs):
