@@ -7,6 +7,7 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -49,14 +50,17 @@ def run_analysis(
     device: str | None = None,
     split: str = "test",
     progress: bool | Callable[[int], None] = False,
+    model_meta: Any = None,
 ) -> AnalysisResult:
     """Analyse the checkpoint ``weights`` on ``dataset`` (a spec string or a parsed reference).
 
     ``classes`` are indices or names (None = all); ``max_images`` caps the analysed images
-    (a stratified, seeded slice); errors a user can cause raise ``IsplitError``.
+    (a stratified, seeded slice); errors a user can cause raise ``IsplitError``. ``model_meta``
+    gives a torch.export program's class names and normalisation (``isplit.exported``); a
+    program without class names takes the dataset's.
     """
     ref, spec = (dataset, dataset.spec) if isinstance(dataset, DatasetRef) else (DatasetRef.parse(dataset), dataset)
-    model, info = load_model(weights, arch=arch)
+    model, info = load_model(weights, arch=arch, meta=model_meta)
     data = ref.load(split, in_channels=info.in_channels)
     if data.in_channels != info.in_channels:
         raise IsplitError(f"dataset {spec!r} has {data.in_channels} channels, the model expects {info.in_channels}")
@@ -64,6 +68,8 @@ def run_analysis(
         raise IsplitError(
             f"dataset {spec!r} has {len(data.class_names)} classes, the model was trained on {info.num_classes}"
         )
+    if not info.class_names:
+        info = info.model_copy(update={"class_names": list(data.class_names)})
     subset = resolve_classes(classes, data.class_names)
     data = data.subset(subset, max_images)
     dev = pick_device(device)

@@ -92,6 +92,34 @@ def cmd_cuts(args: argparse.Namespace) -> int:
     return 0
 
 
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        return [float(t) for t in _csv(text)]
+    except ValueError:
+        raise IsplitError(f"{flag} must be comma-separated numbers, got {text!r}") from None
+
+
+def _program_meta(args: argparse.Namespace) -> object:
+    """``--class-names``/``--mean``/``--std`` as an ``isplit.exported.ProgramMeta`` (None when
+    none is given); they apply to torch.export programs (``.pt2``) only."""
+    given = {
+        k: v
+        for k, v in {
+            "class_names": _csv(args.class_names) if args.class_names else None,
+            "mean": _floats(args.mean, "--mean") if args.mean else None,
+            "std": _floats(args.std, "--std") if args.std else None,
+        }.items()
+        if v is not None
+    }
+    if not given:
+        return None
+    from isplit.exported import ProgramMeta, is_exported_program
+
+    if not is_exported_program(Path(args.weights)):
+        raise IsplitError("--class-names, --mean and --std apply to torch.export programs (.pt2) only")
+    return ProgramMeta(**given)
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     from isplit.analysis import run_analysis, write_report
 
@@ -105,6 +133,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         target=args.target,
         device=args.device,
         progress=True,
+        model_meta=_program_meta(args),
     )
     paths = write_report(result, Path(args.out))
     curve = result.curve
@@ -144,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cuts = sub.add_parser("cuts", help="list the single-tensor cut points of a model")
     cuts.add_argument("--arch")
-    cuts.add_argument("--weights")
+    cuts.add_argument("--weights", help="an isplit checkpoint or a torch.export program (.pt2)")
     cuts.add_argument("--num-classes", type=int, default=10)
     cuts.add_argument("--in-channels", type=int, default=3)
     cuts.add_argument("--input-size", type=int, default=224)
@@ -153,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     an = sub.add_parser("analyze", help="I-SPLIT importance curve, candidates and plots")
     an.add_argument("--arch", help="checked against the checkpoint")
-    an.add_argument("--weights", required=True)
+    an.add_argument("--weights", required=True, help="an isplit checkpoint or a torch.export program (.pt2)")
     an.add_argument("--dataset", required=True)
     an.add_argument("--classes", help="comma-separated class indices or names (default: all)")
     an.add_argument("--max-images", type=int, default=1000)
@@ -162,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--device", default="auto")
     an.add_argument("--out", required=True)
     an.add_argument("--json", action="store_true", help="also print result.json to stdout")
+    an.add_argument("--class-names", help=".pt2 programs: comma-separated names (default: the dataset's)")
+    an.add_argument("--mean", help=".pt2 programs: per-channel mean of [0, 1] pixels (default: none)")
+    an.add_argument("--std", help=".pt2 programs: per-channel std of [0, 1] pixels (default: none)")
     an.set_defaults(func=cmd_analyze)
 
     for name in _PLUGINS:

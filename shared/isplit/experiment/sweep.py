@@ -123,6 +123,8 @@ def _load_reference(cfg: SweepConfig, train: ImageSet) -> tuple[nn.Module, Model
     for name, given, saved in (("width", cfg.width, info.width), ("input-size", cfg.input_size, info.input_size)):
         if given is not None and given != saved:
             raise IsplitError(f"--{name} {given} contradicts the checkpoint {cfg.weights}, which has {saved}")
+    if not info.class_names:  # a torch.export program without names takes the dataset's
+        info = info.model_copy(update={"class_names": list(train.class_names)})
     return model, info
 
 
