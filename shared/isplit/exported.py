@@ -54,8 +54,28 @@ _ALLOWED_FILE = re.compile(
     r"|data/sample_inputs/model\.pt|extra/[A-Za-z0-9_.-]{1,100})"
 )
 _SYM_TARGETS = {
-    *(f"_operator.{n}" for n in "getitem eq ne le ge lt gt neg pos mul add sub floordiv mod pow truediv".split()),
-    *(f"torch.sym_{n}" for n in "not int float ite max min sqrt".split()),
+    *(
+        f"_operator.{n}"
+        for n in [
+            "getitem",
+            "eq",
+            "ne",
+            "le",
+            "ge",
+            "lt",
+            "gt",
+            "neg",
+            "pos",
+            "mul",
+            "add",
+            "sub",
+            "floordiv",
+            "mod",
+            "pow",
+            "truediv",
+        ]
+    ),
+    *(f"torch.sym_{n}" for n in ["not", "int", "float", "ite", "max", "min", "sqrt"]),
     "math.trunc",
 }
 _REFUSED_ATEN = ("from_file",)  # would read a server file into a tensor
