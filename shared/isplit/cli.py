@@ -150,6 +150,14 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_head(args: argparse.Namespace) -> int:
+    from isplit.export import export_head
+
+    out = export_head(Path(args.candidate_dir), args.format)
+    print(f"wrote {out} ({out.stat().st_size} bytes); recorded in {out.parent / 'head.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="isplit", description="I-SPLIT split computing: analyse, train, serve, call.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -195,6 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--mean", help=".pt2 programs: per-channel mean of [0, 1] pixels (default: none)")
     an.add_argument("--std", help=".pt2 programs: per-channel std of [0, 1] pixels (default: none)")
     an.set_defaults(func=cmd_analyze)
+
+    eh = sub.add_parser("export-head", help="write a trained candidate's head as ONNX, TorchScript or ExecuTorch")
+    eh.add_argument("candidate_dir", help="the candidate's folder (head.json and head.pt2, as the trainer writes)")
+    eh.add_argument("--format", required=True, choices=["onnx", "torchscript", "executorch"])
+    eh.set_defaults(func=cmd_export_head)
 
     for name in _PLUGINS:
         try:

@@ -403,3 +403,17 @@ def load_exported(path: Path, meta: ProgramMeta | None = None) -> tuple[nn.Modul
         extra={"format": "torch.export", "program_class": type(model).__name__},
     )
     return model, info
+
+
+def embed_meta(path: Path, meta: ProgramMeta) -> None:
+    """Rewrite the program at ``path`` with ``meta`` laid over its stored ``isplit.json``."""
+    merged = ProgramMeta.model_validate(
+        {**read_meta(path).model_dump(exclude_unset=True), **meta.model_dump(exclude_unset=True)}
+    )
+    program = load_program(path)
+    tmp = path.with_name(path.name + ".meta")
+    try:
+        save_program(program, tmp, merged)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -81,6 +81,8 @@ def train_candidate(
         test = load_dataset(candidate.dataset.name, "test", in_channels=info.in_channels)
     except IsplitError as exc:
         raise CandidateError(str(exc)) from exc
+    if not info.class_names:  # a torch.export program without names takes the dataset's
+        info = info.model_copy(update={"class_names": list(train.class_names)})
     cap = candidate.dataset.max_train_images or settings.trainer_max_train_images
     if cap:
         train = train.subset(None, cap)

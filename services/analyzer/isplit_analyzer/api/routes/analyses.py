@@ -16,7 +16,7 @@ from isplit_analyzer.api.deps import RunnerDep, SessionDep, SettingsDep
 from isplit_analyzer.jobs import new_job_id, report_dir
 from isplit_analyzer.schemas import Accepted, AcceptedAnalysis, AnalysisPage, AnalysisRequest, AnalysisView
 from isplit_analyzer.store import CANCELLED, FINAL, QUEUED, RUNNING, Job, ModelRecord, candidate_rows
-from isplit_analyzer.views import analysis_plan, analysis_view
+from isplit_analyzer.views import HEAD_FILES, analysis_plan, analysis_view, head_artifact_path
 
 router = APIRouter(prefix="/v1/analyses", tags=["analyses"])
 NOT_FOUND = {404: {"description": "no such analysis"}}
@@ -46,10 +46,15 @@ def accept(req: AnalysisRequest, model: ModelRecord | None, data_root: Path) -> 
         **{
             **req.model_dump(),
             "dataset": dataset.spec,
-            "classes": resolve_classes(req.classes, model.info["class_names"]),
+            "classes": resolve_classes(req.classes, model.info["class_names"] or known or _numbered(model.info)),
             "weights_sha256": model.sha256,
         }
     )
+
+
+def _numbered(info: dict) -> list[str]:
+    """Class names of a model uploaded without names, on an image folder: its indices."""
+    return [str(i) for i in range(info["num_classes"])]
 
 
 @router.post(
@@ -155,6 +160,27 @@ PLAN_QUERY = (
     "device", "device_gflops", "link", "uplink_mbps", "rtt_ms", "server", "server_gflops", "use_registration_latency",
     "encoding", "max_head_flops_fraction", "max_latency_ms", "max_payload_bytes", "min_accuracy",
 )  # fmt: skip
+
+
+@router.get(
+    "/{analysis_id}/candidates/{candidate_id}/head/{fmt}",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}, 404: {"description": "no such head artifact"}},
+)
+def get_head_artifact(analysis_id: str, candidate_id: str, fmt: str, settings: SettingsDep, session: SessionDep):
+    """A trained candidate's head file: ``torchscript`` (head.pt), ``onnx`` (head.onnx),
+    ``executorch`` (head.pte) or ``program`` (head.pt2), as listed in the candidate's
+    ``head_artifacts``."""
+    _job_or_404(session, analysis_id)
+    row = next((r for r in candidate_rows(session, analysis_id) if r.candidate_id == candidate_id), None)
+    if row is None:
+        raise HTTPException(404, f"analysis {analysis_id!r} has no candidate {candidate_id!r}")
+    if fmt not in HEAD_FILES:
+        raise HTTPException(404, f"unknown head format {fmt!r}; known: {', '.join(HEAD_FILES)}")
+    path = head_artifact_path(settings.artifact_root, row.candidate_id, fmt)
+    if path is None:
+        raise HTTPException(404, f"candidate {candidate_id!r} has no {fmt} head")
+    return FileResponse(path, media_type="application/octet-stream", filename=path.name)
 
 
 @router.delete(

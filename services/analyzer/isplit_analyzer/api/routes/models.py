@@ -8,7 +8,7 @@ from pathlib import Path
 
 from fastapi import APIRouter, File, Form, HTTPException, Request, UploadFile
 
-from isplit import IsplitError
+from isplit import IsplitError, exported
 from isplit.checkpoint import load_model, sha256_file
 from isplit_analyzer.api.deps import SessionDep, SettingsDep
 from isplit_analyzer.jobs import model_path, new_model_id
@@ -32,8 +32,14 @@ def upload_model(
     session: SessionDep,
     file: UploadFile = File(..., description="an isplit checkpoint (`isplit zoo train`)"),
     arch: str | None = Form(default=None, description="if given, must match the checkpoint"),
+    class_names: str | None = Form(default=None, description=".pt2 programs: comma-separated class names"),
+    mean: str | None = Form(default=None, description=".pt2 programs: comma-separated per-channel mean"),
+    std: str | None = Form(default=None, description=".pt2 programs: comma-separated per-channel std"),
 ) -> ModelView:
-    """Upload weights; they are checked loadable without unpickling code, then stored."""
+    """Upload weights (an isplit checkpoint or a ``torch.export`` program, ``.pt2``); they are
+    checked loadable without running code from the file, then stored. A program's optional
+    class names and normalisation are stored inside it (``extra/isplit.json``)."""
+    meta = program_meta(class_names, mean, std)
     limit = settings.max_upload_bytes
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit + SLACK_BYTES:
@@ -51,7 +57,11 @@ def upload_model(
                     raise HTTPException(413, f"upload exceeds the limit of {limit} bytes")
                 out.write(chunk)
         try:
-            _model, info = load_model(tmp, arch=arch)
+            _model, info = load_model(tmp, arch=arch, meta=meta)
+            if meta is not None:
+                if info.arch != exported.ARCH:
+                    raise IsplitError("class_names, mean and std apply to torch.export programs (.pt2) only")
+                exported.embed_meta(tmp, meta)
         except IsplitError as exc:  # name the upload, not the temporary file
             raise IsplitError(str(exc).replace(str(tmp), f"upload {file.filename!r}")) from None
         model_id = new_model_id()
@@ -65,6 +75,20 @@ def upload_model(
         return model_view(rec)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def program_meta(class_names: str | None, mean: str | None, std: str | None) -> exported.ProgramMeta | None:
+    """The optional form fields of a ``.pt2`` upload (None when none is given; 422 when bad)."""
+    fields: dict[str, list] = {}
+    if class_names:
+        fields["class_names"] = [t.strip() for t in class_names.split(",") if t.strip()]
+    for name, text in (("mean", mean), ("std", std)):
+        if text:
+            try:
+                fields[name] = [float(t) for t in text.split(",")]
+            except ValueError:
+                raise HTTPException(422, f"{name} must be comma-separated numbers, got {text[:100]!r}") from None
+    return exported.ProgramMeta(**fields) if fields else None
 
 
 @router.get("/{model_id}", response_model=ModelView, responses={404: {"description": "no such model"}})
