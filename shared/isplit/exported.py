@@ -331,14 +331,9 @@ def _free_batch_size(model: nn.Module) -> None:
         for node in layer.graph.nodes:
             if node.op != "call_function" or not any(str(node.target).endswith(v) for v in _VIEW_OPS):
                 continue
-            size = node.args[1]
-            if (
-                isinstance(size, list | tuple)
-                and size
-                and -1 not in size[1:]
-                and all(isinstance(s, int) for s in size[1:])
-            ):
-                node.args = (node.args[0], [-1, *size[1:]], *node.args[2:])
+            out = getattr(node.meta.get("val"), "shape", None)
+            if out is not None and len(out) >= 1 and all(isinstance(d, int) for d in out[1:]):
+                node.args = (node.args[0], [-1, *(int(d) for d in out[1:])], *node.args[2:])
         layer.graph.eliminate_dead_code()
         layer.recompile()
 
