@@ -310,9 +310,13 @@ def to_module(program: torch.export.ExportedProgram) -> nn.Module:
 
 
 def _convert(module: nn.Module, fqn: str, types: dict[str, str]) -> ExportedLayer:
-    for name, child in list(module.named_children()):
-        if hasattr(child, "graph"):
-            module._modules[name] = _convert(child, f"{fqn}.{name}" if fqn else name, types)
+    """``module`` (an unflattened module with a ``graph``) as an :class:`ExportedLayer`, each
+    module its graph calls converted first (containers nobody calls stay plain modules)."""
+    for target in {str(n.target) for n in module.graph.nodes if n.op == "call_module"}:
+        parent_name, _, leaf = target.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        child_fqn = f"{fqn}.{target}" if fqn else target
+        parent._modules[leaf] = _convert(parent.get_submodule(leaf), child_fqn, types)
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for node in module.graph.nodes:
