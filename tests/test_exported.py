@@ -211,3 +211,17 @@ def test_isplit_analyze_just_works_on_a_digits_program(tiny, tmp_path: Path) -> 
     assert result["model"]["arch"] == "exported"
     assert result["model"]["class_names"] == [str(i) for i in range(10)]  # the dataset's names
     assert result["curve"]["best"] in {"stem.0", "stem.3", "body.0", "body.2"}
+
+
+def test_flops_and_parameters_of_each_cut_equal_the_original_models(tiny) -> None:
+    from isplit.plan import cut_costs
+
+    original, path = tiny
+    model, _ = load_model(path)
+    points = find_cut_points(model, (1, 32, 32))
+    ours = cut_costs(model, (1, 32, 32), points)
+    theirs = cut_costs(original, (1, 32, 32), points)  # the same qualified names in the original
+    assert ours.total_flops == theirs.total_flops > 0
+    assert [(c.module, c.head_flops, c.head_params) for c in ours.cuts] == [
+        (c.module, c.head_flops, c.head_params) for c in theirs.cuts
+    ]
