@@ -225,3 +225,14 @@ def test_flops_and_parameters_of_each_cut_equal_the_original_models(tiny) -> Non
     assert [(c.module, c.head_flops, c.head_params) for c in ours.cuts] == [
         (c.module, c.head_flops, c.head_params) for c in theirs.cuts
     ]
+
+
+def test_an_rgb_program_is_analysed_on_a_grayscale_dataset_resized_to_its_input(tmp_path: Path) -> None:
+    from isplit.analysis import run_analysis
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+    path = export(net, tmp_path / "rgb.pt2", (1, 3, 24, 24))
+    result = run_analysis(path, "digits", max_images=16, batch_size=16)
+    assert (result.model.in_channels, result.model.input_size) == (3, 24)
+    assert [p.module for p in result.curve.points] == ["0", "1", "2", "3"]
