@@ -375,9 +375,16 @@ def load_exported(path: Path, meta: ProgramMeta | None = None) -> tuple[nn.Modul
     ``meta`` (e.g. from CLI flags) overrides the archive's ``extra/isplit.json`` field by field.
     ``ModelInfo.class_names`` stays empty when neither gives them (callers fill in the dataset's).
     """
+    program = load_program(path)  # its errors name the file already
+    try:
+        return _as_model(path, program, meta)
+    except IsplitError as exc:
+        raise IsplitError(f"weights file {path}: {exc}") from None
+
+
+def _as_model(path: Path, program: torch.export.ExportedProgram, meta: ProgramMeta | None) -> tuple[nn.Module, Any]:
     from isplit.checkpoint import ModelInfo
 
-    program = load_program(path)
     (c, size, _), num_classes = program_signature(program)
     stored = read_meta(path)
     given = meta.model_dump(exclude_unset=True) if meta is not None else {}
