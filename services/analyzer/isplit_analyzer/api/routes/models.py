@@ -68,11 +68,7 @@ def upload_model(
         final = model_path(settings.artifact_root, model_id)
         tmp.replace(final)
         rec = ModelRecord(
-            id=model_id,
-            arch=info.arch,
-            sha256=sha256_file(final),
-            size_bytes=final.stat().st_size,
-            info=info.model_dump(mode="json"),
+            id=model_id, arch=info.arch, sha256=sha256_file(final), size_bytes=size, info=info.model_dump(mode="json")
         )
         session.add(rec)
         session.commit()
