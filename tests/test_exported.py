@@ -123,7 +123,10 @@ def _crafted_pickle() -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("attack", ["sample_inputs", "pickled_weight", "sympy_expr", "guards_code", "python_target"])
+@pytest.mark.parametrize(
+    "attack",
+    ["sample_inputs", "pickled_weight", "sympy_expr", "guards_code", "python_target", "name", "stack_trace"],
+)
 def test_a_crafted_program_is_refused_before_any_of_it_runs(tiny, tmp_path: Path, attack: str) -> None:
     """Each way torch.export.load would run code from a file is refused, and nothing ran."""
     MARKER.unlink(missing_ok=True)
@@ -147,8 +150,15 @@ def test_a_crafted_program_is_refused_before_any_of_it_runs(tiny, tmp_path: Path
     elif attack == "guards_code":  # exec'd when the program is called
         program["guards_code"] = [evil]
         change["models/model.json"] = json.dumps(program).encode()
-    else:  # a node calling a Python function reachable from torch
+    elif attack == "python_target":  # a node calling a Python function reachable from torch
         program["graph_module"]["graph"]["nodes"][0]["target"] = "torch.os.system"
+        change["models/model.json"] = json.dumps(program).encode()
+    elif attack == "name":  # torch.fx writes input names into the Python source it runs
+        text = json.dumps(program).replace('"x"', json.dumps(f"x=({evil})"))
+        change["models/model.json"] = text.encode()
+    else:  # a carriage return ends the comment torch.fx makes of a stack trace
+        node = program["graph_module"]["graph"]["nodes"][0]
+        node["metadata"]["stack_trace"] = f'File "a.py", line 1, in f\n    y = 1\r{evil}\n'
         change["models/model.json"] = json.dumps(program).encode()
     bad = _rewrite(tiny[1], tmp_path / "evil.pt2", change)
     with pytest.raises(IsplitError, match="evil.pt2"):

@@ -88,6 +88,8 @@ _SYMPY_NAMES = {
 _EXPR_TOKEN = re.compile(
     r"\s*(?:(?P<sym>'[a-z]+\d+')|(?P<name>[A-Za-z]+\d*)|(?P<num>\d+(?:\.\d+)?)|(?P<op>[-+*/%(),=<>!]))"
 )
+_CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f\u2028\u2029]")  # anything but \n that can end a line
+_CODE_CHARS = re.compile(r"[\"'\\(){}\n`]")
 _VIEW_OPS = ("aten.view.default", "aten.reshape.default", "aten._unsafe_view.default")
 
 
@@ -169,20 +171,28 @@ def _check_payload_config(path: Path, config: Any, name: str) -> None:
 
 
 def _check_graph_json(path: Path, program: dict[str, Any]) -> None:
-    """Node targets from the allow-list; every symbolic expression made of harmless tokens."""
-    stack: list[Any] = [program]
+    """Node targets from the allow-list; every symbolic expression made of harmless tokens;
+    every other string (names, module paths, metadata) free of the quotes, brackets and line
+    breaks that would let it escape into the Python source torch.fx generates and runs."""
+    stack: list[tuple[str, Any]] = [("", program)]
     while stack:
-        obj = stack.pop()
+        key, obj = stack.pop()
         if isinstance(obj, dict):
             target = obj.get("target")
             if isinstance(target, str) and "inputs" in obj and "outputs" in obj:
                 _check_target(path, target)
-            expr = obj.get("expr_str")
-            if isinstance(expr, str):
-                _check_expr(path, expr)
-            stack.extend(obj.values())
+            stack.extend(obj.items())
         elif isinstance(obj, list):
-            stack.extend(obj)
+            stack.extend((key, v) for v in obj)
+        elif isinstance(obj, str):
+            if key == "expr_str":
+                _check_expr(path, obj)
+            elif key in ("in_spec", "out_spec"):  # pytree specs: JSON text of type names
+                stack.append((key + "_json", _json(path, obj.encode(), key)))
+            elif _CONTROL.search(obj) or (key != "stack_trace" and _CODE_CHARS.search(obj)):
+                raise IsplitError(
+                    f"weights file {path} has a {key or 'graph'} string isplit does not accept: {obj[:60]!r}"
+                )
     for key in program.get("range_constraints", {}) or {}:
         if not re.fullmatch(r"[a-z]+\d+", str(key)):
             raise IsplitError(f"weights file {path} has a shape symbol {str(key)[:40]!r} isplit does not accept")
