@@ -166,6 +166,15 @@ def test_a_crafted_program_is_refused_before_any_of_it_runs(tiny, tmp_path: Path
     assert not MARKER.exists()
 
 
+def test_a_compressed_archive_is_refused(tiny, tmp_path: Path) -> None:
+    bad = tmp_path / "zipped.pt2"
+    with zipfile.ZipFile(tiny[1]) as zin, zipfile.ZipFile(bad, "w", zipfile.ZIP_DEFLATED) as zout:
+        for name in zin.namelist():
+            zout.writestr(name, zin.read(name))
+    with pytest.raises(IsplitError, match="compressed members"):
+        load_model(bad)
+
+
 def test_torch_export_load_itself_would_run_the_crafted_sample_inputs(tiny, tmp_path: Path) -> None:
     """The screen matters: without it this very file runs code while loading."""
     MARKER.unlink(missing_ok=True)

@@ -123,6 +123,8 @@ def screen_archive(path: Path) -> dict[str, Any]:
         roots = {n.split("/", 1)[0] for n in names}
         if len(roots) != 1 or any("/" not in n for n in names):
             raise IsplitError(f"weights file {path} is not a torch.export program (no single archive folder)")
+        if any(i.compress_type != zipfile.ZIP_STORED for i in z.infolist()):  # torch stores; bombs compress
+            raise IsplitError(f"weights file {path} has compressed members; torch.export.save writes none")
         root = roots.pop() + "/"
         rel = [n[len(root) :] for n in names]
         unknown = [n for n in rel if n not in _FIXED_FILES and not _ALLOWED_FILE.fullmatch(n)]
