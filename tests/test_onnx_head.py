@@ -113,3 +113,41 @@ def test_export_head_writes_each_format_and_records_it(tmp_path: Path, images: l
 def test_export_head_on_a_folder_without_a_head_exits_2(tmp_path: Path) -> None:
     done = _isplit("export-head", str(tmp_path), "--format", "onnx")
     assert done.returncode == 2 and "holds no head.json" in done.stderr
+
+
+def test_edge_predict_cli_runs_the_onnx_head_with_the_timing_breakdown(candidate: Path, images: list[Path]) -> None:
+    """The command line with ``--runtime onnxruntime``, against a tail that decodes the payload
+    and answers with the code's shape (so the ONNX code really travelled)."""
+    import http.server
+    import threading
+
+    from isplit import wire
+
+    shapes: list[list[int]] = []
+
+    class Tail(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            code = wire.decode(self.rfile.read(int(self.headers["Content-Length"])))
+            shapes.append(list(code.shape))
+            preds = [[{"class": 0, "name": "0", "probability": 1.0}] for _ in range(code.shape[0])]
+            body = json.dumps({"predictions": preds}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Tail)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/predictions/t"
+        done = _isplit("edge", "predict", "--runtime", "onnxruntime", "--head", str(candidate / "head.onnx"),
+                       "--endpoint", url, *map(str, images[:3]))  # fmt: skip
+    finally:
+        server.shutdown()
+    assert done.returncode == 0, done.stderr
+    assert "(onnxruntime) | encode" in done.stdout and "network+tail" in done.stdout
+    meta = json.loads((candidate / "head.json").read_text())
+    assert shapes == [[3, *meta["code_shape"]]]
