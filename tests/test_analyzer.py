@@ -9,20 +9,27 @@ from pathlib import Path
 import pytest
 import requests
 
+from isplit.auth import bearer
 from isplit.bus import Topics
 from isplit.messages import SplitCandidate, TrainingResult
-from tests.fixtures.services import ServiceProcess, free_port
+from tests.fixtures.services import ServiceProcess, free_port, make_tokens
 from tests.kafka_util import collect, send
 
 pytestmark = pytest.mark.kafka
 
 
 class Analyzer:
+    """A real analyzer process; its token file (beside ``root``) holds ``PRINCIPALS``, and the
+    helpers send alice's token (``as_`` picks another principal)."""
+
     def __init__(self, root: Path, bootstrap: str, log: Path, topics: Topics | None = None, **extra: str) -> None:
         self.topics = topics or Topics(f"test-{uuid.uuid4().hex[:8]}.")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        tokens_file = root.parent / f"{root.name}-tokens.jsonl"
+        self.tokens = make_tokens(tokens_file) if not tokens_file.exists() else {}
         env = {
+            "ISPLIT_ANALYZER_TOKENS_FILE": str(tokens_file),
             "ISPLIT_KAFKA_BOOTSTRAP": bootstrap,
             "ISPLIT_ARTIFACT_ROOT": str(root),
             "ISPLIT_ANALYZER_PORT": str(self.port),
@@ -37,11 +44,17 @@ class Analyzer:
         self.proc.start(health_url=self.url + "/healthz")
         return self
 
+    def as_(self, principal: str = "alice") -> dict[str, str]:
+        return bearer(self.tokens[principal])
+
     def get(self, path: str, **kw) -> requests.Response:
-        return requests.get(self.url + path, timeout=10, **kw)
+        return requests.get(self.url + path, timeout=10, **{"headers": self.as_(), **kw})
 
     def post(self, path: str, **kw) -> requests.Response:
-        return requests.post(self.url + path, timeout=30, **kw)
+        return requests.post(self.url + path, timeout=30, **{"headers": self.as_(), **kw})
+
+    def delete(self, path: str, **kw) -> requests.Response:
+        return requests.delete(self.url + path, timeout=10, **{"headers": self.as_(), **kw})
 
     def upload(self, checkpoint: Path) -> str:
         with open(checkpoint, "rb") as fh:
@@ -125,7 +138,15 @@ def test_unknown_model_and_analysis_ids(analyzer):
     r = analyzer.post("/v1/analyses", json={"model_id": "m-000000000000", "dataset": "digits"})
     assert r.status_code == 422 and "m-000000000000" in r.json()["detail"]
     assert analyzer.get("/v1/analyses/a-nope").status_code == 404
-    assert requests.delete(analyzer.url + "/v1/analyses/a-nope", timeout=5).status_code == 404
+    assert analyzer.delete("/v1/analyses/a-nope").status_code == 404
+
+
+def test_the_api_needs_a_token_and_the_probes_do_not(analyzer):
+    r = requests.get(analyzer.url + "/v1/analyses", timeout=10)
+    assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer")
+    assert analyzer.get("/v1/analyses", headers=analyzer.as_("bob")).json()["total"] == 0
+    for path in ("/healthz", "/readyz", "/metrics"):
+        assert requests.get(analyzer.url + path, timeout=10).status_code == 200, path
 
 
 def test_uploads_that_are_not_safe_checkpoints_are_refused(analyzer, tmp_path):
@@ -167,9 +188,9 @@ def test_api_answers_in_milliseconds_while_an_analysis_runs_and_cancel_works(ana
         assert analyzer.get("/healthz").status_code == 200
         slowest = max(slowest, time.perf_counter() - t0)
     assert slowest < 0.25
-    r = requests.delete(f"{analyzer.url}/v1/analyses/{job}", timeout=10)
+    r = analyzer.delete(f"/v1/analyses/{job}")
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
-    assert requests.delete(f"{analyzer.url}/v1/analyses/{job}", timeout=10).status_code == 409
+    assert analyzer.delete(f"/v1/analyses/{job}").status_code == 409
 
 
 def test_listing_is_paginated_newest_first(analyzer, model_id):
@@ -228,6 +249,7 @@ def test_restart_mid_job_completes_and_publishes_each_candidate_once(tmp_path, k
     first.wait(job, statuses=("running",))
     first.proc.kill()  # a crash: the service and its analysis process die at once
     second = Analyzer(root, kafka_bootstrap, tmp_path / "second.log", topics=first.topics).start()
+    second.tokens = first.tokens
     try:
         view = second.wait(job, timeout_s=300)
     finally:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
 from kafka import KafkaAdminClient, KafkaConsumer
 
 from isplit.bus import (
+    ConsumerProgress,
     PublishError,
     dead_letter,
     ensure_topics,
@@ -26,6 +28,7 @@ from isplit.messages import (
     candidate_id_for,
     decode,
 )
+from tests.fixtures.kafka import private_kafka
 
 pytestmark = pytest.mark.kafka
 
@@ -176,3 +179,54 @@ def test_publish_to_a_missing_topic_raises_publish_error_naming_topic_and_key(ka
 def test_kafka_reachable_tells_a_broker_from_a_closed_port(kafka_bootstrap):
     assert kafka_reachable(kafka_bootstrap, timeout_s=5)
     assert not kafka_reachable("127.0.0.1:1", timeout_s=1)
+
+
+def test_a_publish_spanning_a_broker_outage_is_written_once_though_the_caller_retries(tmp_path):
+    """The trainer retries a failed publish. A publish that gave up while its record was still
+    queued (the broker down) let the record go out later beside its retry: two results."""
+    with private_kafka(tmp_path / "kafka") as broker:
+        ensure_topics(broker.bootstrap, {"outage": 1})
+        producer = make_producer(broker.bootstrap, "test-outage")
+        publish(producer, "outage", "warm-up", candidate("an-0", "layer0"))
+        broker.stop()
+        attempts: list[str] = []
+
+        def publish_like_the_trainer() -> None:
+            for _ in range(5):
+                try:
+                    publish(producer, "outage", "an-1", candidate("an-1", "layer1"))
+                    attempts.append("acknowledged")
+                    return
+                except PublishError:
+                    attempts.append("failed")
+                    time.sleep(2)
+
+        worker = threading.Thread(target=publish_like_the_trainer)
+        worker.start()
+        time.sleep(40)  # longer than the 30 s the publish used to wait before giving up
+        broker.start()
+        worker.join(timeout=240)
+        producer.close()
+        consumer = make_consumer(broker.bootstrap, "test-outage-reader", ["outage"], max_poll_records=100)
+        try:
+            keys = [r.key for r in consume(consumer, 3, timeout_s=20)]
+        finally:
+            consumer.close()
+    assert attempts[-1] == "acknowledged", attempts
+    assert keys == ["warm-up", "an-1"], attempts
+
+
+def test_consumer_progress_is_stalled_only_with_waiting_records_and_no_progress():
+    progress = ConsumerProgress(stall_after_s=0.2)
+    progress.observe(3)
+    assert progress.stalled() is None  # just started
+    time.sleep(0.3)
+    progress.observe(3)
+    assert "no progress" in progress.stalled() and "3 record(s) waiting" in progress.stalled()
+    progress.progressed()
+    assert progress.stalled() is None
+    time.sleep(0.3)
+    progress.observe(0)  # idle with nothing to read is not stalled
+    assert progress.stalled() is None
+    time.sleep(0.3)
+    assert "consumer loop silent" in progress.stalled()  # the loop stopped observing

@@ -9,6 +9,7 @@ schemas that kubernetes-validate ships; custom resources against their CRDs' sha
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import shutil
@@ -20,6 +21,7 @@ import pytest
 import yaml
 from kubernetes_validate import utils as kv
 
+from isplit.auth import TokenStore
 from tests import promql
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +48,11 @@ ALL_FEATURES = {
         "kubeApiServer": {"cidrs": ["10.0.0.1/32"]},
         "kafka": {"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kafka"}}}]},
     },
-    "analyzer": {"replicaCount": 2, "database": {"existingSecret": "isplit-database"}},
+    "analyzer": {
+        "replicaCount": 2,
+        "database": {"existingSecret": "isplit-database"},
+        "auth": {"existingSecret": "isplit-api-tokens", "existingSecretKey": "tokens"},
+    },
     "tailServing": {
         "autoscaling": {"targetMemoryUtilizationPercentage": 80},
         "pdb": {"minAvailable": "", "maxUnavailable": "50%"},
@@ -280,6 +286,7 @@ def test_values_schema_rejects_bad_values(helm, flag, message):
         (["analyzer.replicaCount=2"], "needs a shared database"),
         (["metrics.serviceMonitor.enabled=true", "metrics.podMonitor.enabled=true"], "enable one of them"),
         (["kafka.bootstrapServers="], "/kafka/bootstrapServers"),
+        (["kafka.sasl.enabled=true"], "kafka.sasl.enabled needs kafka.sasl.existingSecret"),
     ],
 )
 def test_chart_refuses_combinations_that_cannot_work(helm, flags, message):
@@ -503,8 +510,8 @@ def test_probes_use_the_health_endpoints(default_docs):
     assert analyzer["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert analyzer["readinessProbe"]["httpGet"]["path"] == "/readyz"
     trainer = one(default_docs, "Deployment", f"{RELEASE}-trainer")["spec"]["template"]["spec"]["containers"][0]
-    assert trainer["livenessProbe"]["httpGet"] == {"path": "/metrics", "port": "metrics"}
-    assert trainer["readinessProbe"]["tcpSocket"] == {"port": "metrics"}
+    assert trainer["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert trainer["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
     torchserve = one(default_docs, "Deployment", f"{RELEASE}-tail-serving")["spec"]["template"]["spec"]["containers"][0]
     assert torchserve["readinessProbe"]["httpGet"] == {"path": "/ping", "port": "inference"}
 
@@ -520,6 +527,22 @@ def test_no_secrets_are_rendered_or_kept_in_values(all_docs):
     database = next(e for e in analyzer["env"] if e["name"] == "DATABASE_URL")
     assert database["valueFrom"]["secretKeyRef"] == {"name": "isplit-database", "key": "DATABASE_URL"}
     assert "DATABASE_URL" not in config_env(all_docs, "analyzer")
+
+
+def test_kafka_sasl_credentials_come_from_the_existing_secret(helm, tmp_path_factory):
+    values = {"kafka": {"sasl": {"enabled": True, "existingSecret": "isplit-kafka-user", "username": "isplit"}}}
+    docs = render(helm, tmp_path_factory, values)
+    for component in ("analyzer", "trainer"):
+        container = one(docs, "Deployment", f"{RELEASE}-{component}")["spec"]["template"]["spec"]["containers"][0]
+        env = {e["name"]: e for e in container["env"]}
+        assert env["ISPLIT_KAFKA_SECURITY_PROTOCOL"]["value"] == "SASL_PLAINTEXT"
+        assert env["ISPLIT_KAFKA_SASL_MECHANISM"]["value"] == "SCRAM-SHA-512"
+        assert env["ISPLIT_KAFKA_SASL_USERNAME"]["value"] == "isplit"
+        assert env["ISPLIT_KAFKA_SASL_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+            "name": "isplit-kafka-user",
+            "key": "password",
+        }
+    assert not find(docs, "Secret")
 
 
 # --- GPU scheduling --------------------------------------------------------------------------------
@@ -641,6 +664,8 @@ def test_torchserve_config_serves_prometheus_metrics_from_the_shared_model_store
     assert properties["metrics_mode"] == "prometheus"
     assert properties["model_store"] == "/var/lib/isplit/artifacts/model-store"
     assert properties["enable_model_api"] == "true"
+    # Only archives in the model store may be registered (Java properties: a doubled backslash is one).
+    assert properties["allowed_urls"] == r"file:///var/lib/isplit/artifacts/model-store/[^/]+\\.mar"
     # The image keeps the repository layout under /opt/isplit (see services/tail-serving/Dockerfile).
     assert properties["metrics_config"] == "/opt/isplit/services/tail-serving/metrics.yaml"
     dockerfile = (ROOT / "services" / "tail-serving" / "Dockerfile").read_text()
@@ -822,6 +847,38 @@ def test_notes_render(helm):
     result = run_helm(helm, "install", RELEASE, str(CHART), "--dry-run=client", "--namespace", NAMESPACE)
     assert result.returncode == 0, result.stderr
     assert f"port-forward svc/{RELEASE}-analyzer 8000:8000" in result.stdout
+    assert f"get secret {RELEASE}-analyzer-auth -o jsonpath='{{.data.token}}' | base64 -d" in result.stdout
+
+
+# --- API authentication -----------------------------------------------------------------------------
+
+
+def _auth_volume(docs) -> tuple[dict, dict]:
+    spec = one(docs, "Deployment", f"{RELEASE}-analyzer")["spec"]["template"]["spec"]
+    mount = next(m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "auth")
+    return next(v for v in spec["volumes"] if v["name"] == "auth"), mount
+
+
+def test_the_chart_generates_an_analyzer_token_whose_hash_the_mounted_token_file_holds(default_docs, tmp_path):
+    secret = one(default_docs, "Secret", f"{RELEASE}-analyzer-auth")
+    token = base64.b64decode(secret["data"]["token"]).decode()
+    assert token.startswith("isplit_") and len(token) == 50
+    volume, mount = _auth_volume(default_docs)
+    assert volume["secret"]["secretName"] == f"{RELEASE}-analyzer-auth"
+    assert volume["secret"]["items"] == [{"key": "tokens.jsonl", "path": "tokens.jsonl"}]
+    analyzer = one(default_docs, "Deployment", f"{RELEASE}-analyzer")["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in analyzer["env"]}
+    assert env["ISPLIT_ANALYZER_TOKENS_FILE"] == mount["mountPath"] + "/tokens.jsonl" and mount["readOnly"]
+    (tmp_path / "tokens.jsonl").write_bytes(base64.b64decode(secret["data"]["tokens.jsonl"]))
+    principal = TokenStore(tmp_path / "tokens.jsonl").authenticate(token)
+    assert principal is not None and principal.name == "admin" and principal.is_admin
+
+
+def test_an_existing_token_secret_is_mounted_and_none_is_generated(all_docs):
+    assert not find(all_docs, "Secret")
+    volume, _ = _auth_volume(all_docs)
+    assert volume["secret"]["secretName"] == "isplit-api-tokens"
+    assert volume["secret"]["items"] == [{"key": "tokens", "path": "tokens.jsonl"}]
 
 
 def test_k8s_tools_fetch_is_idempotent_and_fast(helm):

@@ -60,6 +60,7 @@ class ServedPair:
     endpoint: str
     code_shape: tuple[int, ...]
     images: list[Path]
+    inference_key: str
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +82,9 @@ def served_pair(torchserve, digits_checkpoint: Path, tmp_path_factory: pytest.Te
     meta = {"model_name": name, "analysis_id": "test-edge", "candidate_id": name, "dataset": "digits"}
     paths = export_pair(outcome.pair, info, work / "pair", meta)
     mar = ts.build_mar(paths["tail.pt"], paths["tail.json"], name, "1.0", torchserve.model_store)
-    ts.register(torchserve.management_url, mar.name, name, batch_size=4, max_batch_delay_ms=1)
+    ts.register(
+        torchserve.management_url, mar.name, name, batch_size=4, max_batch_delay_ms=1, key=torchserve.keys().management
+    )
     images = []
     for i in range(N_IMAGES):  # 8x8 uint8 digits, saved as the edge would receive them
         path = work / f"digit-{i}-label-{int(test.labels[i])}.png"
@@ -94,8 +97,9 @@ def served_pair(torchserve, digits_checkpoint: Path, tmp_path_factory: pytest.Te
         endpoint=ts.inference_url(torchserve.inference_url, name),
         code_shape=tuple(outcome.pair.code_shape),
         images=images,
+        inference_key=torchserve.keys().inference,
     )
-    ts.unregister(torchserve.management_url, name)
+    ts.unregister(torchserve.management_url, name, key=torchserve.keys().management)
     mar.unlink(missing_ok=True)
 
 
@@ -150,7 +154,9 @@ def _stub_tail(answer: Callable[[bytes], tuple[int, bytes]]) -> Iterator[str]:
 
 @pytest.mark.parametrize("encoding", ["fp16", "int8"])
 def test_predict_files_matches_head_and_tail_run_locally(served_pair: ServedPair, encoding: str) -> None:
-    with EdgeClient(served_pair.head_pt, served_pair.endpoint, encoding=encoding) as client:
+    with EdgeClient(
+        served_pair.head_pt, served_pair.endpoint, encoding=encoding, inference_key=served_pair.inference_key
+    ) as client:
         out = client.predict_files(served_pair.images, top_k=3)
         expected = _local_split(served_pair, client, encoding)
     assert len(out.predictions) == N_IMAGES
@@ -163,7 +169,7 @@ def test_predict_files_matches_head_and_tail_run_locally(served_pair: ServedPair
 
 
 def test_timing_breakdown_is_positive_and_adds_up(served_pair: ServedPair) -> None:
-    with EdgeClient(served_pair.head_pt, served_pair.endpoint) as client:
+    with EdgeClient(served_pair.head_pt, served_pair.endpoint, inference_key=served_pair.inference_key) as client:
         out = client.predict_files(served_pair.images)
     parts = (out.head_ms, out.encode_ms, out.network_tail_ms, out.extra["preprocess_ms"])
     assert all(ms > 0 for ms in parts)
@@ -194,11 +200,11 @@ def test_server_errors_are_retried_and_bad_requests_are_not(served_pair: ServedP
 def test_cli_prints_predictions_timing_and_agreement_with_the_full_model(served_pair: ServedPair) -> None:
     done = _isplit(
         "--head", str(served_pair.head_pt), "--endpoint", served_pair.endpoint, "--encoding", "fp16",
-        "--compare-local", str(served_pair.checkpoint), *map(str, served_pair.images),
+        "--inference-key", served_pair.inference_key, "--compare-local", str(served_pair.checkpoint), *map(str, served_pair.images),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""  # no warnings either: the user sees predictions and timings only
-    with EdgeClient(served_pair.head_pt, served_pair.endpoint) as client:
+    with EdgeClient(served_pair.head_pt, served_pair.endpoint, inference_key=served_pair.inference_key) as client:
         split = _local_split(served_pair, client, "fp16").argmax(1)
         full, _ = load_model(served_pair.checkpoint)
         with torch.inference_mode():
@@ -220,15 +226,29 @@ def test_cli_prints_predictions_timing_and_agreement_with_the_full_model(served_
     ],
     ids=["unknown-encoding", "missing-image", "refused-by-the-tail"],
 )
-def test_cli_user_error_exits_2_with_one_line(served_pair: ServedPair, bad: list[str], message: str, capsys) -> None:
+def test_cli_user_error_exits_2_with_one_line(
+    served_pair: ServedPair, bad: list[str], message: str, capsys, monkeypatch
+) -> None:
     # In-process (the subprocess test above covers the console script): an exception escaping
     # main() would fail this test, so exit 2 with one line means no traceback.
+    monkeypatch.setenv("ISPLIT_INFERENCE_KEY", served_pair.inference_key)  # the flag's default
     images = [] if bad[-1].endswith(".png") else [str(served_pair.images[0])]
     assert main(["edge", "predict", "--head", str(served_pair.head_pt), "--endpoint", served_pair.endpoint,
                  *bad, *images]) == 2  # fmt: skip
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1
     assert err.startswith("isplit: error: ") and message in err, err
+
+
+@pytest.mark.parametrize("key", [None, "not-the-key"], ids=["no-key", "wrong-key"])
+def test_cli_without_the_inference_key_is_refused_with_one_line(served_pair: ServedPair, key, capsys, monkeypatch):
+    monkeypatch.delenv("ISPLIT_INFERENCE_KEY", raising=False)
+    flag = [] if key is None else ["--inference-key", key]
+    args = ["edge", "predict", "--head", str(served_pair.head_pt), "--endpoint", served_pair.endpoint, *flag]
+    assert main([*args, str(served_pair.images[0])]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert "answered 400: Token Authorization failed" in err, err
 
 
 def test_cli_unreachable_endpoint_exits_2_after_retries(served_pair: ServedPair, capsys) -> None:

@@ -14,7 +14,9 @@ from isplit.checkpoint import ModelInfo
 from isplit.cuts import CutPoint, find_cut_points
 from isplit.data import load_dataset
 from isplit.experiment import (
+    BudgetPicks,
     CutMeasurement,
+    Pick,
     SweepResult,
     choose_cuts,
     permutation_p,
@@ -24,10 +26,12 @@ from isplit.experiment import (
     subset_search,
     verdict,
 )
+from isplit.experiment.claims import budget_picks, partial_correlations
+from isplit.experiment.report import budget_comparison
 from isplit.importance import ImportanceStats, curve_from_stats
 from isplit.messages import BottleneckSpec
 from isplit.retrain import retrain_split
-from isplit.stats import kendall, spearman
+from isplit.stats import kendall, partial_spearman, spearman
 from isplit.zoo import build_model
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -36,16 +40,18 @@ CUTS = ("features.0", "features.8", "features.20")  # features.20: the size pick
 
 def isplit(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "isplit.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "isplit.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=1200
     )
 
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory) -> tuple[Path, SweepResult, subprocess.CompletedProcess[str]]:
-    """One tiny sweep: narrow VGG11 on 200 digits, 3 (+1) cuts, 1 bottleneck epoch on 128 images."""
+    """One tiny sweep: narrow VGG11 at 32 px on 200 digits, 3 cuts (+ the picks'), 2 seeds of 1
+    bottleneck epoch on 128 images, budgets of 10 % and 50 % of the FLOPs."""
     out = tmp_path_factory.mktemp("sweep") / "tiny"
     done = isplit(
         "experiment", "sweep", "--arch", "vgg11", "--width", "0.25", "--dataset", "digits",
+        "--input-size", "32", "--seeds", "2", "--budgets", "0.1,0.5",
         "--epochs-model", "2", "--epochs-bottleneck", "1", "--max-train-images", "200",
         "--bottleneck-images", "128", "--max-test-images", "100", "--analysis-images", "100",
         "--cuts", ",".join(CUTS), "--subset-cuts", "2", "--permutations", "200", "--device", "cpu",
@@ -295,14 +301,14 @@ def test_verdict_calls_accuracies_within_noise_inconclusive(sweep):
     for cut in flat.cuts:
         cut.accuracy = 0.5
     flat.correlations["cui"] = flat.correlations["cui"].model_copy(update={"n": 8, "spearman": 0.9, "spearman_p": 0.01})
-    assert verdict(flat)[0].startswith("**Inconclusive**")
+    assert _ranking_line(verdict(flat)).startswith("**Inconclusive**")
 
 
 def test_verdict_says_not_judged_with_too_few_cuts(sweep):
     _, result, _ = sweep
     few = result.model_copy(deep=True)
     few.correlations["cui"] = few.correlations["cui"].model_copy(update={"n": 3})
-    assert verdict(few)[0].startswith("**Not judged**")
+    assert _ranking_line(verdict(few)).startswith("**Not judged**")
 
 
 def test_verdict_calls_a_significant_ranking_that_beats_size_a_held_claim(sweep):
@@ -314,9 +320,122 @@ def test_verdict_calls_a_significant_ranking_that_beats_size_a_held_claim(sweep)
         update={"n": 10, "spearman": 0.9, "spearman_p": 0.001, "kendall": 0.8, "kendall_p": 0.001}
     )
     good.correlations["size"] = good.correlations["size"].model_copy(update={"spearman": 0.1})
-    assert verdict(good)[0].startswith("**The claim held here (strong)**")
+    assert _ranking_line(verdict(good)).startswith("**The claim held here (strong)**")
     weak = good.model_copy(deep=True)
     weak.correlations["cui"] = weak.correlations["cui"].model_copy(update={"spearman": 0.4, "spearman_p": 0.2})
-    assert verdict(weak)[0].startswith("**The claim was not supported here**")
-    assert "n = 10" in verdict(weak)[0]
+    assert _ranking_line(verdict(weak)).startswith("**The claim was not supported here**")
+    assert "n = 10" in _ranking_line(verdict(weak))
     assert "The claim was not supported here" in render_report(weak)
+
+
+def _ranking_line(lines: list[str]) -> str:
+    """The verdict's line on the ranking claim (after the budgeted headline lines)."""
+    return next(line for line in lines if line.startswith("**") and not line.startswith("**Under an edge budget"))
+
+
+def test_every_cut_is_trained_once_per_seed_and_reports_the_mean_and_spread(sweep):
+    _, result, _ = sweep
+    for c in result.cuts:
+        assert len(c.accuracies) == 2
+        assert c.accuracy == pytest.approx(sum(c.accuracies) / 2)
+        spread = abs(c.accuracies[0] - c.accuracies[1]) / 2**0.5  # sample sd of two values
+        assert c.accuracy_sd == pytest.approx(spread)
+    for s in result.subsets:
+        assert all(len(m.accuracies) == 2 for m in s.measurements)
+
+
+def test_budgeted_picks_stay_inside_the_budget_and_are_measured(sweep):
+    _, result, _ = sweep
+    fraction = result.head_flops_fraction
+    assert {r.budget for r in result.budget_picks} == {0.1, 0.5}
+    assert {r.target for r in result.budget_picks} == {"label", "predicted"}
+    measured = {c.module: c for c in result.cuts}
+    for row in result.budget_picks:
+        curve = result.curve if row.target == result.curve.target else result.other_curve
+        inside = [p for p in curve.points if not p.skipped and fraction[p.module] <= row.budget + 1e-9]
+        assert row.cui and row.size, row
+        assert fraction[row.cui.module] <= row.budget + 1e-9 and fraction[row.size.module] <= row.budget + 1e-9
+        candidates = [p for p in inside if p.module in curve.candidates]
+        expected = max(candidates or inside, key=lambda p: p.log10_cui)
+        assert (row.cui.module, row.cui_is_candidate) == (expected.module, bool(candidates))
+        assert row.size.output_bytes == min(p.output_bytes for p in inside)
+        assert row.cui.module in measured and row.size.module in measured  # measured to be compared
+        assert row.cui.accuracy == measured[row.cui.module].accuracy
+        assert row.oracle.accuracy == max(measured[p.module].accuracy for p in inside if p.module in measured)
+    assert result.budget_picks == budget_picks([result.curve, result.other_curve], result.cuts, fraction, [0.1, 0.5])
+
+
+def test_the_other_target_curve_is_reported(sweep):
+    out, result, _ = sweep
+    assert result.curve.target == "label" and result.other_curve.target == "predicted"
+    assert [p.module for p in result.other_curve.points] == [p.module for p in result.curve.points]
+    assert "`predicted` curve" in (out / "report.md").read_text()
+
+
+def test_partial_correlations_given_size_and_depth_are_recorded(sweep):
+    out, result, _ = sweep
+    assert [pc.controls for pc in result.partial_correlations] == [["size"], ["size", "depth"]]
+    assert result.partial_correlations == partial_correlations(
+        result.cuts, permutations=result.parameters.permutations, seed=result.parameters.seed
+    )
+    report = (out / "report.md").read_text()
+    assert "## Under an edge budget (headline)" in report and "## What CUI adds beyond size" in report
+
+
+def test_bad_budgets_are_a_one_line_error(tmp_path):
+    done = isplit("experiment", "sweep", "--arch", "vgg11", "--dataset", "digits", "--budgets", "0.1,1.5",
+                  "--out", str(tmp_path), cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 2 and "each budget is a fraction in (0, 1]" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def _pick(module: str, accuracy: float | None, sd: float | None = None) -> Pick:
+    return Pick(method="cui", module=module, accuracy=accuracy, output_bytes=4, accuracy_sd=sd)
+
+
+@pytest.mark.parametrize(
+    ("cui", "size", "expected"),
+    [
+        (_pick("a", 0.90, 0.01), _pick("b", 0.80, 0.01), "won"),  # 10 points >> 2 SE (~2 points)
+        (_pick("a", 0.80, 0.01), _pick("b", 0.90, 0.01), "lost"),
+        (_pick("a", 0.85, 0.01), _pick("b", 0.84, 0.01), "tied"),  # 1 point < 2 SE
+        (_pick("a", 0.90, 0.10), _pick("b", 0.80, 0.10), "tied"),  # seed spread makes 10 points noise
+        (_pick("a", 0.85), _pick("a", 0.85), "same cut"),
+        (_pick("a", None), _pick("b", 0.84), "not measured"),
+        (None, _pick("b", 0.84), "not measured"),
+    ],
+)
+def test_budget_comparison_calls_each_outcome(cui, size, expected):
+    row = BudgetPicks(budget=0.25, target="label", cui=cui, size=size, oracle=None)
+    assert budget_comparison(row, n_test=2000, seeds=3) == expected
+
+
+def test_verdict_leads_with_the_budgeted_comparison(sweep):
+    _, result, _ = sweep
+    lines = verdict(result)
+    assert lines[0].startswith("**Under an edge budget**")
+    assert any(line.startswith("head ≤ 10% of the FLOPs: I-SPLIT") for line in lines)
+
+
+def test_partial_spearman_separates_information_beyond_the_control():
+    import random
+
+    rng = random.Random(0)
+    z = [rng.random() for _ in range(14)]
+    x = [rng.random() for _ in range(14)]
+    beyond = [a + b for a, b in zip(x, z, strict=True)]  # accuracy depends on x beyond z
+    rho, p = partial_spearman(x, beyond, [z], permutations=2000, seed=0)
+    assert rho > 0.6 and p < 0.01
+    only_z = [b + 0.3 * rng.random() for b in z]  # accuracy is z's (and noise): x adds nothing
+    rho, p = partial_spearman(x, only_z, [z], permutations=2000, seed=0)
+    assert abs(rho) < 0.6 and p > 0.05
+    assert partial_spearman(x[:3], beyond[:3], [z[:3]], permutations=10, seed=0) == (None, None)
+
+
+def test_results_written_before_seeds_read_as_one_seed():
+    path = Path(__file__).resolve().parents[1] / "docs" / "experiments" / "vgg16bn-digits-cpu" / "result.json"
+    raw = json.loads(path.read_text())
+    assert "seeds" not in raw["parameters"]
+    result = SweepResult.model_validate(raw)
+    assert result.parameters.seeds == 1 and result.budget_picks == []
+    assert render_report(result).startswith("# Does the CUI curve predict split accuracy?")

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import re
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
 from isplit.messages import (
+    MAX_MESSAGE_BYTES,
     TOPIC_CANDIDATES,
     TOPIC_DEAD_LETTER,
     TOPIC_PARTITIONS,
@@ -23,6 +25,7 @@ from isplit.messages import (
     candidate_id_for,
     decode,
     encode,
+    resolve_under,
 )
 
 
@@ -114,6 +117,43 @@ def test_empty_message_is_rejected():
 def test_json_that_is_not_an_object_is_rejected():
     with pytest.raises(MessageError, match="expected a JSON object, got list"):
         decode(TrainingResult, b"[1, 2]")
+
+
+@pytest.mark.parametrize("model", [SplitCandidate, TrainingResult])
+def test_deeply_nested_json_is_a_message_error_not_a_recursion_error(model):
+    with pytest.raises(MessageError, match="nested deeper than 32 levels"):
+        decode(model, b"[" * 100000 + b"]" * 100000)
+
+
+def test_nesting_below_the_parser_limit_but_over_ours_is_rejected():
+    payload = json.loads(encode(make_candidate()))
+    payload["extra"] = json.loads("[" * 40 + "]" * 40)  # an ignored field still costs memory
+    with pytest.raises(MessageError, match="nested deeper"):
+        decode(SplitCandidate, json.dumps(payload).encode())
+
+
+def test_oversized_message_is_rejected_before_parsing():
+    with pytest.raises(MessageError, match=rf"over the limit of {MAX_MESSAGE_BYTES} bytes"):
+        decode(SplitCandidate, b" " * (MAX_MESSAGE_BYTES + 1))
+
+
+def test_integer_literal_too_long_to_convert_is_a_message_error():
+    with pytest.raises(MessageError, match="not valid JSON"):
+        decode(SplitCandidate, b'{"schema_version": ' + b"1" * 5000 + b"}")
+
+
+@pytest.mark.parametrize("uri", ["/etc/passwd", "../outside.pt", "models/../../x.pt"])
+def test_resolve_under_refuses_paths_leading_out_of_the_root(tmp_path, uri):
+    with pytest.raises(MessageError, match="outside the artifact root"):
+        resolve_under(tmp_path, uri, "weights")
+
+
+def test_resolve_under_refuses_a_symlink_out_of_the_root(tmp_path):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "link.pt").symlink_to("/etc/passwd")
+    with pytest.raises(MessageError, match="'models/link.pt' is outside"):
+        resolve_under(tmp_path, "models/link.pt", "weights")
+    assert resolve_under(tmp_path, "models/m.pt", "weights") == Path(tmp_path).resolve() / "models" / "m.pt"
 
 
 def test_invalid_fields_are_summarised_on_one_line_with_their_paths():

@@ -19,6 +19,7 @@ import torch
 
 from isplit import torchserve as ts
 from isplit import wire
+from isplit.dev.torchserve import private_env, private_torchserve, read_state, run_script
 
 pytestmark = pytest.mark.torchserve
 
@@ -34,6 +35,7 @@ class ServedTail:
     inference_url: str
     management_url: str
     metrics_url: str
+    keys: ts.TorchServeKeys
 
 
 def _make_tail(directory: Path, model_name: str) -> tuple[Path, Path, torch.jit.ScriptModule]:
@@ -66,9 +68,12 @@ def served_tail(torchserve, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     name = f"isplit-test-tail-{uuid.uuid4().hex[:8]}"
     tail_pt, tail_json, local = _make_tail(tmp_path_factory.mktemp("tail"), name)
     mar = ts.build_mar(tail_pt, tail_json, name, "1.0", torchserve.model_store)
-    ts.register(torchserve.management_url, mar.name, name, batch_size=8, max_batch_delay_ms=20)
-    yield ServedTail(name, mar, local, torchserve.inference_url, torchserve.management_url, torchserve.metrics_url)
-    ts.unregister(torchserve.management_url, name)
+    keys = torchserve.keys()
+    ts.register(torchserve.management_url, mar.name, name, batch_size=8, max_batch_delay_ms=20, key=keys.management)
+    yield ServedTail(
+        name, mar, local, torchserve.inference_url, torchserve.management_url, torchserve.metrics_url, keys
+    )
+    ts.unregister(torchserve.management_url, name, key=torchserve.keys().management)
     mar.unlink(missing_ok=True)
 
 
@@ -81,7 +86,12 @@ def _local_probabilities(tail: ServedTail, codes: torch.Tensor) -> torch.Tensor:
         return torch.softmax(tail.local(codes), dim=1)
 
 
+def _predict(tail: ServedTail, payload: bytes, **kw) -> dict:
+    return ts.predict(tail.inference_url, tail.name, payload, key=tail.keys.inference, **kw)
+
+
 def _post(tail: ServedTail, body: bytes, **headers: str) -> requests.Response:
+    headers = {**headers, **ts.auth_headers(tail.keys.inference)}
     return requests.post(ts.inference_url(tail.inference_url, tail.name), data=body, headers=headers, timeout=30)
 
 
@@ -127,8 +137,18 @@ def test_build_mar_leaves_a_same_named_directory_in_tmpdir_alone(tmp_path: Path,
 
 
 def test_register_again_is_a_no_op(served_tail: ServedTail) -> None:
-    ts.register(served_tail.management_url, served_tail.mar.name, served_tail.name, version="1.0")
-    described = requests.get(f"{served_tail.management_url}/models/{served_tail.name}/all", timeout=10).json()
+    ts.register(
+        served_tail.management_url,
+        served_tail.mar.name,
+        served_tail.name,
+        version="1.0",
+        key=served_tail.keys.management,
+    )
+    described = requests.get(
+        f"{served_tail.management_url}/models/{served_tail.name}/all",
+        headers=ts.auth_headers(served_tail.keys.management),
+        timeout=10,
+    ).json()
     assert [entry["modelVersion"] for entry in described] == ["1.0"]
     assert described[0]["batchSize"] == 8
 
@@ -140,7 +160,7 @@ def test_register_again_is_a_no_op(served_tail: ServedTail) -> None:
 def test_prediction_matches_the_local_tail(served_tail: ServedTail, encoding: str) -> None:
     codes = _codes(3, seed=1)
     payload = wire.encode(codes, encoding)
-    answer = ts.predict(served_tail.inference_url, served_tail.name, payload)
+    answer = _predict(served_tail, payload)
     # The server runs the tail on exactly what the wire carried.
     expected = _local_probabilities(served_tail, wire.decode(payload))
     assert answer["model"] == served_tail.name
@@ -156,14 +176,14 @@ def test_prediction_matches_the_local_tail(served_tail: ServedTail, encoding: st
 
 def test_unbatched_code_gets_one_top_k_list(served_tail: ServedTail) -> None:
     code = _codes(1, seed=2)[0]
-    answer = ts.predict(served_tail.inference_url, served_tail.name, wire.encode(code, "fp16"), top_k=3)
+    answer = _predict(served_tail, wire.encode(code, "fp16"), top_k=3)
     assert [p["class"] for p in answer["predictions"]] == torch.topk(
         _local_probabilities(served_tail, wire.decode(wire.encode(code, "fp16")).unsqueeze(0))[0], 3
     ).indices.tolist()
 
 
 def test_top_k_header_bounds_the_classes_returned(served_tail: ServedTail) -> None:
-    answer = ts.predict(served_tail.inference_url, served_tail.name, wire.encode(_codes(1, seed=3)), top_k=10)
+    answer = _predict(served_tail, wire.encode(_codes(1, seed=3)), top_k=10)
     probabilities = [p["probability"] for p in answer["predictions"][0]]
     assert len(probabilities) == 10
     assert probabilities == sorted(probabilities, reverse=True)
@@ -173,7 +193,10 @@ def test_top_k_header_bounds_the_classes_returned(served_tail: ServedTail) -> No
 def test_json_tensor_body_is_accepted_for_debugging(served_tail: ServedTail) -> None:
     codes = _codes(1, seed=4)
     response = requests.post(
-        ts.inference_url(served_tail.inference_url, served_tail.name), json={"tensor": codes.tolist()}, timeout=30
+        ts.inference_url(served_tail.inference_url, served_tail.name),
+        json={"tensor": codes.tolist()},
+        headers=ts.auth_headers(served_tail.keys.inference),
+        timeout=30,
     )
     assert response.status_code == 200, response.text
     assert response.json()["predictions"][0][0]["class"] == int(_local_probabilities(served_tail, codes).argmax())
@@ -184,7 +207,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(served_tai
     payloads = [wire.encode(codes[i : i + 1], "fp16") for i in range(len(codes))]
     passes_before, codes_before = _batch_totals(served_tail)
     with ThreadPoolExecutor(max_workers=16) as pool:
-        answers = list(pool.map(lambda p: ts.predict(served_tail.inference_url, served_tail.name, p), payloads))
+        answers = list(pool.map(lambda p: _predict(served_tail, p), payloads))
     expected = _local_probabilities(served_tail, torch.cat([wire.decode(p) for p in payloads])).argmax(1)
     assert [a["predictions"][0][0]["class"] for a in answers] == expected.tolist()
     _wait_for_metric(served_tail, "isplit_tail_batch_size_sum", codes_before + 32)
@@ -212,7 +235,7 @@ def test_malformed_payload_gets_400_with_the_reason_and_the_next_request_succeed
     assert response.json()["message"] == f"truncated message: expected {len(good)} bytes, got {len(good) - 5}"
     assert "truncated message" in response.reason
     with pytest.raises(ts.TorchServeError, match="neither an isplit wire message") as refused:
-        ts.predict(served_tail.inference_url, served_tail.name, b"GIF89a" + bytes(40))
+        _predict(served_tail, b"GIF89a" + bytes(40))
     assert refused.value.status == 400
     assert _post(served_tail, good).status_code == 200
 
@@ -260,3 +283,62 @@ def test_custom_metrics_are_exported_in_prometheus_format(served_tail: ServedTai
         assert samples and samples[0] > 0, f"{name} missing for {served_tail.name}"
     buckets = _metric_samples(served_tail, "isplit_tail_decode_seconds_bucket")
     assert len(buckets) > 1
+
+
+# --- locked down -------------------------------------------------------------------------------
+
+
+def test_management_and_inference_refuse_calls_without_their_key(served_tail: ServedTail) -> None:
+    models = f"{served_tail.management_url}/models"
+    assert requests.get(models, timeout=10).status_code == 400
+    wrong = ts.auth_headers(served_tail.keys.inference)  # the inference key is not the management key
+    assert requests.get(models, headers=wrong, timeout=10).status_code == 400
+    assert requests.get(models, headers=ts.auth_headers(served_tail.keys.management), timeout=10).status_code == 200
+    with pytest.raises(ts.TorchServeError, match="Token Authorization failed") as refused:
+        ts.predict(served_tail.inference_url, served_tail.name, wire.encode(_codes(1, seed=9)))
+    assert refused.value.status == 400
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["file:///etc/passwd", "file:///tmp/elsewhere.mar", "http://127.0.0.1:9/tail.mar"],
+    ids=["passwd", "mar", "http"],
+)
+def test_registration_from_outside_the_model_store_is_refused(served_tail: ServedTail, torchserve, url: str) -> None:
+    response = requests.post(
+        f"{served_tail.management_url}/models",
+        params={"url": url, "model_name": "isplit-intruder"},
+        headers=ts.auth_headers(served_tail.keys.management),
+        timeout=30,
+    )
+    assert response.status_code == 404, response.text
+    assert "does not match any allowed URL" in response.json()["message"]
+    assert not (torchserve.model_store / "passwd").exists()
+
+
+def test_nested_json_body_gets_400_not_503(served_tail: ServedTail) -> None:
+    deep = _post(served_tail, b"[" * 100000 + b"]" * 100000, **{"Content-Type": "application/json"})
+    assert deep.status_code == 400, deep.text
+    assert "nested too deeply" in deep.json()["message"]
+    assert _predict(served_tail, wire.encode(_codes(1, seed=5)))["model"] == served_tail.name
+
+
+def test_a_restarted_torchserve_serves_its_tails_again(tmp_path: Path) -> None:
+    name = f"isplit-test-restart-{uuid.uuid4().hex[:8]}"
+    (tmp_path / "tail").mkdir()
+    tail_pt, tail_json, local = _make_tail(tmp_path / "tail", name)
+    codes = _codes(2, seed=6)
+    with private_torchserve(tmp_path / "ts") as server:
+        mar = ts.build_mar(tail_pt, tail_json, name, "1.0", server.model_store)
+        ts.register(server.management_url, mar.name, name, key=server.keys().management)
+        before = ts.predict(server.inference_url, name, wire.encode(codes), key=server.keys().inference)
+        old_keys = server.keys()
+        env = private_env(tmp_path / "ts")
+        assert run_script("stop", env).returncode == 0
+        restarted = run_script("start", env)
+        assert restarted.returncode == 0, restarted.stdout + restarted.stderr
+        again = read_state(tmp_path / "ts" / "run")
+        assert again is not None and again.keys() != old_keys  # new keys at each start
+        after = ts.predict(again.inference_url, name, wire.encode(codes), key=again.keys().inference)
+    assert after["predictions"] == before["predictions"]
+    assert [p[0]["class"] for p in after["predictions"]] == local(codes).argmax(1).tolist()

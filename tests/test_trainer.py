@@ -65,6 +65,7 @@ def trainer_env(kafka_bootstrap: str, torchserve, artifact_root: Path, topics: T
         "ISPLIT_TORCHSERVE_MANAGEMENT_URL": torchserve.management_url,
         "ISPLIT_TORCHSERVE_INFERENCE_URL": torchserve.inference_url,
         "ISPLIT_TORCHSERVE_MODEL_STORE": str(torchserve.model_store),
+        "ISPLIT_TORCHSERVE_KEY_FILE": str(torchserve.key_file),
         "ISPLIT_TRAINER_GROUP": "test-trainer",
         "ISPLIT_TRAINER_DEVICE": "cpu",
     }
@@ -109,7 +110,9 @@ def test_candidate_becomes_a_registered_tail_that_answers(
     x = torch.randn(3, 1, 32, 32)
     with torch.no_grad():
         local = torch.jit.load(str(head_dir / "tail.pt"))(head(x)).argmax(1).tolist()
-        answer = ts.predict(torchserve.inference_url, result.model_name, wire.encode(head(x), "fp32"))
+        answer = ts.predict(
+            torchserve.inference_url, result.model_name, wire.encode(head(x), "fp32"), key=torchserve.keys().inference
+        )
     served = [preds[0]["class"] for preds in answer["predictions"]]
     assert served == local
 

@@ -32,7 +32,11 @@ Server = TorchServeEndpoints
 
 @contextmanager
 def private_torchserve(overrides: dict[str, str | None], env: dict[str, str]) -> Iterator[Server]:
-    """A TorchServe of our own (``scripts/torchserve`` on free ports), removed afterwards."""
+    """A TorchServe of our own (``scripts/torchserve`` on free ports), removed afterwards.
+
+    Its token authorization is off: a throw-away server on the loopback address, and the load
+    generators measure the model server, not the key check."""
+    overrides = {"disable_token_authorization": "true", **overrides}
     with temporary_torchserve("isplit-bench-", overrides, env) as server:
         yield server
 

@@ -168,12 +168,14 @@ class TailHandler:
                 raise ValueError(
                     f'body is neither an isplit wire message (magic {wire.MAGIC!r}) nor JSON {{"tensor": [...]}}'
                 ) from None
+            except RecursionError:  # an untrusted body: too deep for the parser is a bad request
+                raise ValueError("JSON body is nested too deeply") from None
         if not isinstance(body, dict) or not ({"tensor", "data"} & body.keys()):
             raise ValueError('JSON body must be an object {"tensor": nested list of numbers}')
         values = body.get("tensor", body.get("data"))
         try:
             return torch.tensor(values, dtype=torch.float32)
-        except (TypeError, ValueError, RuntimeError) as exc:
+        except (TypeError, ValueError, RuntimeError) as exc:  # RuntimeError includes RecursionError
             raise ValueError(f'"tensor" must be a rectangular nested list of numbers: {exc}') from None
 
     def _check_shape(self, codes: torch.Tensor) -> tuple[torch.Tensor, bool]:

@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from isplit import IsplitError
 from isplit.checkpoint import ModelInfo, load_model
 from isplit.data import DatasetRef, resolve_classes
+from isplit.exported import with_dataset_names
 from isplit.importance import ImportanceCurve, Target, importance_curve
 from isplit.messages import BottleneckSpec, DatasetSpec, ModelSpec, SplitCandidate, candidate_id_for
 from isplit.plan import CostProfile, Deployment, cut_costs, plan_analysis
@@ -68,8 +69,7 @@ def run_analysis(
         raise IsplitError(
             f"dataset {spec!r} has {len(data.class_names)} classes, the model was trained on {info.num_classes}"
         )
-    if not info.class_names:
-        info = info.model_copy(update={"class_names": list(data.class_names)})
+    info = with_dataset_names(info, data.class_names)
     subset = resolve_classes(classes, data.class_names)
     data = data.subset(subset, max_images)
     dev = pick_device(device)

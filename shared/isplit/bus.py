@@ -14,22 +14,28 @@ The consumer loop every service uses (offsets committed only after the work is p
         consumer.commit()
 
 Keys are the analysis id (UTF-8), values the JSON of an ``isplit.messages`` model.
+
+Every client (producer, consumer, admin) authenticates as :class:`KafkaSecurity` says, read
+from ``ISPLIT_KAFKA_SECURITY_PROTOCOL``, ``ISPLIT_KAFKA_SASL_MECHANISM``,
+``ISPLIT_KAFKA_SASL_USERNAME`` and ``ISPLIT_KAFKA_SASL_PASSWORD`` (default: PLAINTEXT, no SASL).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import kafka
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 from kafka.producer.future import RecordMetadata
 from kafka.serializer import Deserializer
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from isplit.messages import TOPIC_CANDIDATES, TOPIC_DEAD_LETTER, TOPIC_PARTITIONS, TOPIC_RESULTS, DeadLetter, encode
 
@@ -45,6 +51,45 @@ class PublishError(RuntimeError):
 
 class TopicsError(RuntimeError):
     """Topics could not be created or did not become ready in time."""
+
+
+class KafkaSecurity(BaseSettings):
+    """How every client authenticates to the brokers, from ``ISPLIT_KAFKA_*`` variables.
+
+    ``SASL_PLAINTEXT`` or ``SASL_SSL`` with ``SCRAM-SHA-512`` (or ``SCRAM-SHA-256``, ``PLAIN``)
+    needs a username and password; in Kubernetes the password comes from a Secret.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="ISPLIT_KAFKA_", extra="ignore", hide_input_in_errors=True)
+
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"] = "SCRAM-SHA-512"
+    sasl_username: str = ""
+    sasl_password: SecretStr = Field(default=SecretStr(""), repr=False)
+
+    @model_validator(mode="after")
+    def _sasl_has_credentials(self) -> KafkaSecurity:
+        if self.security_protocol.startswith("SASL_") and not (
+            self.sasl_username and self.sasl_password.get_secret_value()
+        ):
+            raise ValueError(
+                f"ISPLIT_KAFKA_SECURITY_PROTOCOL={self.security_protocol} needs "
+                "ISPLIT_KAFKA_SASL_USERNAME and ISPLIT_KAFKA_SASL_PASSWORD"
+            )
+        return self
+
+    def client_config(self) -> dict[str, Any]:
+        """kafka-python settings for this security setup (nothing for PLAINTEXT)."""
+        if self.security_protocol == "PLAINTEXT":
+            return {}
+        config: dict[str, Any] = {"security_protocol": self.security_protocol}
+        if self.security_protocol.startswith("SASL_"):
+            config |= {
+                "sasl_mechanism": self.sasl_mechanism,
+                "sasl_plain_username": self.sasl_username,
+                "sasl_plain_password": self.sasl_password.get_secret_value(),
+            }
+        return config
 
 
 class ConsumedRecord(Protocol):
@@ -107,17 +152,25 @@ def make_producer(bootstrap: str, client_id: str, **overrides: Any) -> KafkaProd
     if KafkaProducer.DEFAULT_CONFIG.get("retries") == 0:
         # Older kafka-python does not retry by default; newer retries until delivery_timeout_ms.
         config["retries"] = 5
-    return KafkaProducer(**{**_supported(KafkaProducer, config), **overrides})
+    return KafkaProducer(**{**_supported(KafkaProducer, config), **KafkaSecurity().client_config(), **overrides})
 
 
 def publish(
-    producer: KafkaProducer, topic: str, key: str | None, msg: BaseModel, timeout_s: float = 30.0
+    producer: KafkaProducer, topic: str, key: str | None, msg: BaseModel, timeout_s: float | None = None
 ) -> RecordMetadata:
     """Send ``msg`` (JSON) under ``key`` (UTF-8) and wait for the broker's acknowledgement.
+
+    By default this waits as long as the producer itself keeps the record (its
+    ``delivery_timeout_ms``, 2 minutes), not less: a shorter wait gives up on a record that is
+    still queued during a broker outage and is delivered once the broker is back, so a caller
+    that retries on the error would write it twice. When this raises, the producer has dropped
+    the record; the idempotent producer never writes a retried batch twice.
 
     Raises:
         PublishError: naming topic and key, when the send fails or is not acknowledged in time.
     """
+    if timeout_s is None:
+        timeout_s = producer.config.get("delivery_timeout_ms", 120_000) / 1000 + 5
     try:
         future = producer.send(topic, key=None if key is None else key.encode("utf-8"), value=encode(msg))
         return future.get(timeout=timeout_s)
@@ -156,7 +209,7 @@ def make_consumer(bootstrap: str, group_id: str, topics: Iterable[str], **overri
         "metadata_max_age_ms": 10_000,
         "key_deserializer": Utf8KeyDeserializer(),
     }
-    consumer = KafkaConsumer(**{**_supported(KafkaConsumer, config), **overrides})
+    consumer = KafkaConsumer(**{**_supported(KafkaConsumer, config), **KafkaSecurity().client_config(), **overrides})
     topics = list(topics)
     deadline = time.monotonic() + TOPIC_METADATA_WAIT_S
     while time.monotonic() < deadline and not all(consumer.partitions_for_topic(t) for t in topics):
@@ -198,7 +251,7 @@ def dead_letter(
     record: ConsumedRecord,
     reason: str,
     service: str,
-    timeout_s: float = 30.0,
+    timeout_s: float | None = None,
     *,
     topic: str = TOPIC_DEAD_LETTER,
 ) -> RecordMetadata:
@@ -216,6 +269,61 @@ def dead_letter(
     )
     log.warning("dead-lettering %s[%s]@%s (key %r): %s", source_topic, record.partition, record.offset, key, reason)
     return publish(producer, topic, key, letter, timeout_s=timeout_s)
+
+
+def consumer_lag(consumer: KafkaConsumer) -> int | None:
+    """Records on ``consumer``'s assigned partitions that it has not consumed yet (end offset
+    minus position, summed); None when the broker does not answer."""
+    try:
+        parts = list(consumer.assignment())
+        if not parts:
+            return 0
+        ends = consumer.end_offsets(parts)
+        return sum(max(0, ends[tp] - consumer.position(tp)) for tp in parts)
+    except (KafkaError, OSError, AssertionError) as exc:
+        log.debug("lag not known: %r", exc)
+        return None
+
+
+class ConsumerProgress:
+    """Whether a consumer loop keeps up, for a readiness probe.
+
+    The loop reports :meth:`progressed` after each committed record (and while long work on one
+    is alive) and :meth:`observe` its lag every few seconds. It is *stalled* when its partitions
+    hold records it has not consumed (lag > 0) and it has not progressed for ``stall_after_s``
+    seconds, or when the loop has not observed anything for that long (stuck or not started).
+    """
+
+    def __init__(self, stall_after_s: float) -> None:
+        self.stall_after_s = stall_after_s
+        now = time.monotonic()
+        self._last_progress = self._last_observed = now
+        self._lag: int | None = None
+        self._lock = threading.Lock()
+
+    def progressed(self) -> None:
+        with self._lock:
+            self._last_progress = time.monotonic()
+
+    def observe(self, lag: int | None) -> None:
+        """Record the lag just measured (None: unknown, the broker did not answer)."""
+        with self._lock:
+            now = time.monotonic()
+            self._last_observed, self._lag = now, lag
+            if lag == 0:
+                self._last_progress = now
+
+    def stalled(self) -> str | None:
+        """Why the consumer is stalled, or None while it keeps up."""
+        with self._lock:
+            now = time.monotonic()
+            idle = now - self._last_progress
+            if now - self._last_observed > self.stall_after_s:
+                return f"consumer loop silent for {now - self._last_observed:.0f} s"
+            if idle > self.stall_after_s and self._lag != 0:
+                lag = "unknown" if self._lag is None else str(self._lag)
+                return f"no progress for {idle:.0f} s with {lag} record(s) waiting"
+            return None
 
 
 def kafka_reachable(bootstrap: str, timeout_s: float = 3.0) -> bool:
@@ -249,7 +357,7 @@ def _admin_client(bootstrap: str, client_id: str, deadline: float, retry: bool =
         }
         try:
             config = {"bootstrap_servers": bootstrap, "client_id": client_id, **timeouts}
-            return KafkaAdminClient(**_supported(KafkaAdminClient, config))
+            return KafkaAdminClient(**_supported(KafkaAdminClient, config), **KafkaSecurity().client_config())
         except (KafkaError, OSError) as exc:
             if not retry or time.monotonic() >= deadline:
                 raise TopicsError(f"no Kafka broker answered at {bootstrap}: {exc!r}") from exc

@@ -1,7 +1,7 @@
 """The one command-line tool, ``isplit``.
 
 Subcommands: ``zoo list|train``, ``cuts``, ``analyze``, ``plan``, ``edge predict|profile``,
-``stack up|down|status``, ``experiment sweep``. Errors a user can cause print one line and exit with code 2.
+``stack up|down|status``, ``experiment sweep``, ``token create``. Errors a user can cause print one line and exit with code 2.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 from isplit import IsplitError
 
 # Modules that add their own subcommands: each has ``register_cli(subparsers)``.
-_PLUGINS = ("isplit.plan", "isplit.edge", "isplit.dev.stack", "isplit.experiment", "isplit.dev.demo")
+_PLUGINS = ("isplit.plan", "isplit.edge", "isplit.dev.stack", "isplit.experiment", "isplit.dev.demo", "isplit.auth")
 
 
 class _Parser(argparse.ArgumentParser):

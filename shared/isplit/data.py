@@ -15,6 +15,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import re
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ FASHION_MNIST_CLASSES = (
 )
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 DATASETS_HELP = "fashion-mnist, digits, imagefolder:<path>"
+CLASS_INDEX = re.compile(r"-?[0-9]{1,9}")  # ASCII digits only: int("²") raises, int("５") == 5
 
 
 @dataclass
@@ -163,6 +165,8 @@ class DatasetRef:
             return cls(spec)
         if not spec.startswith("imagefolder:"):
             raise IsplitError(f"unknown dataset {spec!r}; use one of: {DATASETS_HELP}")
+        if any(ord(ch) < 32 or ord(ch) == 127 for ch in spec):  # a NUL makes every path call raise
+            raise IsplitError(f"dataset {spec!r} contains a control character")
         folder = Path(spec.removeprefix("imagefolder:"))
         if root is None:
             return cls("imagefolder", folder)
@@ -206,20 +210,25 @@ def load_dataset(spec: str, split: str, *, in_channels: int | None = None) -> Im
 
 
 def resolve_classes(requested: Sequence[str | int] | None, class_names: Sequence[str]) -> list[int] | None:
-    """Turn class indices or names into sorted unique indices; None stays None (all classes)."""
+    """Turn class indices or names into sorted unique indices; None stays None (all classes).
+
+    An index is an ``int`` or a string of ASCII digits (``"7"``); other digits (``"²"``,
+    ``"５"``, ``"٥"``) are names like any other string, and a bool is refused."""
     if requested is None:
         return None
     out: set[int] = set()
     for item in requested:
+        if isinstance(item, bool) or not isinstance(item, (int, str)):
+            raise IsplitError(f"class {item!r} is neither a class index nor a class name")
         text = str(item).strip()
         if text in class_names:  # an exact name wins, even a name made of digits
             idx = list(class_names).index(text)
-        elif text.lstrip("-").isdigit():
+        elif CLASS_INDEX.fullmatch(text):
             idx = int(text)
             if not 0 <= idx < len(class_names):
                 raise IsplitError(f"class index {idx} out of range 0..{len(class_names) - 1}")
         else:
-            raise IsplitError(f"unknown class {text!r}; known: {', '.join(class_names)}")
+            raise IsplitError(f"unknown class {text[:100]!r}; known: {', '.join(class_names)}")
         out.add(idx)
     if not out:
         raise IsplitError("the class subset is empty")

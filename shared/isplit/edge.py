@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from isplit.data import preprocess_image
 
 # Answers worth another try: the server is overloaded or restarting, not refusing the input.
 _RETRY_STATUSES = frozenset({500, 502, 503, 504, 507})
+#: The environment variable ``isplit edge predict --inference-key`` defaults to.
+INFERENCE_KEY_ENV = "ISPLIT_INFERENCE_KEY"
 _HEAD_KEYS = ("in_channels", "input_size", "mean", "std")
 
 
@@ -53,6 +56,7 @@ class EdgeClient:
     ``timeout_s`` bounds each HTTP attempt (seconds); a connection failure, a timeout or a
     5xx answer is retried ``retries`` times with exponential back-off (0.2 s, 0.4 s, ...);
     a 4xx answer (bad input) is not. User errors raise :class:`isplit.IsplitError`.
+    ``inference_key`` is TorchServe's inference key (token authorization), sent as a Bearer token.
     """
 
     def __init__(
@@ -64,6 +68,7 @@ class EdgeClient:
         timeout_s: float = 10,
         retries: int = 2,
         runtime: str = "torch",
+        inference_key: str | None = None,
     ) -> None:
         if encoding not in wire.ENCODINGS:
             raise IsplitError(f"unknown encoding {encoding!r}; choose one of {', '.join(wire.ENCODINGS)}")
@@ -86,6 +91,8 @@ class EdgeClient:
         self.head = _load_torchscript(head_path) if runtime == "torch" else OnnxHead(head_path, self.meta)
         self.endpoint, self.encoding, self.timeout_s, self.retries = endpoint, encoding, timeout_s, retries
         self.session = requests.Session()
+        if inference_key:
+            self.session.headers["Authorization"] = f"Bearer {inference_key}"
 
     def close(self) -> None:
         """Close the pooled HTTP connections."""
@@ -255,6 +262,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         timeout_s=args.timeout,
         retries=args.retries,
         runtime=args.runtime,
+        inference_key=args.inference_key,
     ) as client:
         full = info = None
         if args.compare_local:
@@ -320,6 +328,11 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--runtime", default="torch", choices=RUNTIMES, help="run head.pt (torch) or head.onnx")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per request attempt")
     p.add_argument("--retries", type=int, default=2, help="extra attempts on connection errors, timeouts and 5xx")
+    p.add_argument(
+        "--inference-key",
+        default=os.environ.get(INFERENCE_KEY_ENV) or None,
+        help=f"TorchServe's inference key (token authorization; default ${INFERENCE_KEY_ENV})",
+    )
     p.add_argument("--compare-local", metavar="FULL_MODEL", help="also run this full checkpoint locally")
     p.add_argument("images", nargs="+")
     p.set_defaults(func=_cmd_predict)

@@ -45,6 +45,7 @@ from isplit import IsplitError
 
 ARCH = "exported"  # ModelInfo.arch of a model brought as a torch.export program
 META_FILE = "isplit.json"  # the archive's extra file with class names and normalisation
+NAMES_GIVEN = "class_names_given"  # ModelInfo.extra key: False when the classes are only numbered
 BATCH_CHECK = 3  # images run as one batch and one by one to prove the batch size is free
 
 _FIXED_FILES = {"archive_format", "archive_version", "byteorder", ".data/version", ".data/serialization_id"}
@@ -395,7 +396,7 @@ def load_exported(path: Path, meta: ProgramMeta | None = None) -> tuple[nn.Modul
 
 
 def _as_model(path: Path, program: torch.export.ExportedProgram, meta: ProgramMeta | None) -> tuple[nn.Module, Any]:
-    from isplit.checkpoint import ModelInfo
+    from isplit.checkpoint import MAX_INPUT_SIZE, ModelInfo
 
     (c, size, _), num_classes = program_signature(program)
     stored = read_meta(path)
@@ -410,15 +411,18 @@ def _as_model(path: Path, program: torch.export.ExportedProgram, meta: ProgramMe
         raise IsplitError(f"std values must be > 0, got {merged.std}")
     model = to_module(program)
     check_batch_free(model, (c, size, size))
+    if not 8 <= size <= MAX_INPUT_SIZE:
+        raise IsplitError(f"the program's input is {size}x{size} pixels; isplit accepts 8 to {MAX_INPUT_SIZE}")
     info = ModelInfo(
         arch=ARCH,
         num_classes=num_classes,
         in_channels=c,
         input_size=size,
-        class_names=merged.class_names,
+        # Until a dataset gives its names (with_dataset_names), the classes are numbered.
+        class_names=merged.class_names or [str(i) for i in range(num_classes)],
         mean=merged.mean if merged.mean is not None else [0.0] * c,
         std=merged.std if merged.std is not None else [1.0] * c,
-        extra={"format": "torch.export", "program_class": type(model).__name__},
+        extra={"format": "torch.export", "program_class": type(model).__name__, NAMES_GIVEN: bool(merged.class_names)},
     )
     return model, info
 
@@ -435,3 +439,11 @@ def embed_meta(path: Path, meta: ProgramMeta) -> None:
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def with_dataset_names(info: Any, names: list[str]) -> Any:
+    """``info`` (a ``ModelInfo``) with the dataset's class ``names`` when it is a program
+    uploaded without names and the counts agree; otherwise ``info`` unchanged."""
+    if info.extra.get(NAMES_GIVEN, True) or len(names) != info.num_classes:
+        return info
+    return info.model_copy(update={"class_names": list(names), "extra": {**info.extra, NAMES_GIVEN: True}})

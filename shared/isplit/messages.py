@@ -17,6 +17,7 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
@@ -52,6 +53,11 @@ Fraction = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 
 M = TypeVar("M", bound=BaseModel)
+
+#: The largest message value ``decode`` reads, bytes: a candidate or result is a few KiB.
+MAX_MESSAGE_BYTES = 1024 * 1024
+#: The deepest JSON nesting ``decode`` reads (objects and arrays); the contract needs 4.
+MAX_MESSAGE_DEPTH = 32
 
 
 class MessageError(ValueError):
@@ -283,21 +289,36 @@ def candidate_id_for(analysis_id: str, cut: str) -> str:
     return candidate
 
 
+def resolve_under(root: Path, uri: str, what: str) -> Path:
+    """The path ``uri`` (as a message carries it: relative to ``root``) resolved under ``root``,
+    symlinks followed. Messages are untrusted: an absolute path or one that leads out of
+    ``root`` raises :class:`MessageError` naming ``what`` and the value."""
+    base = root.resolve()
+    path = (base / uri).resolve()
+    if Path(uri).is_absolute() or not path.is_relative_to(base):
+        raise MessageError(f"{what} {uri!r} is outside the artifact root")
+    return path
+
+
 def encode(msg: BaseModel) -> bytes:
     """The wire form of a message: UTF-8 JSON."""
     return msg.model_dump_json().encode("utf-8")
 
 
 def decode(model_cls: type[M], data: bytes | str | None) -> M:
-    """Parse and validate one message of type ``model_cls``.
+    """Parse and validate one message of type ``model_cls``; messages are untrusted input.
 
     Raises:
-        MessageError: on empty input, bad JSON, a missing or unsupported ``schema_version``
-            or invalid fields, with the reason on one line.
+        MessageError: on empty input, a value over ``MAX_MESSAGE_BYTES``, bad JSON, nesting
+            deeper than ``MAX_MESSAGE_DEPTH``, a missing or unsupported ``schema_version`` or
+            invalid fields, with the reason on one line. Nothing else escapes.
     """
     name = model_cls.__name__
     if data is None or len(data) == 0:
         raise MessageError(f"{name}: empty message")
+    size = len(data.encode("utf-8") if isinstance(data, str) else data)
+    if size > MAX_MESSAGE_BYTES:
+        raise MessageError(f"{name}: message of {size} bytes is over the limit of {MAX_MESSAGE_BYTES} bytes")
     try:
         payload = json.loads(data.decode("utf-8") if isinstance(data, bytes) else data)
     except UnicodeDecodeError as exc:
@@ -305,17 +326,38 @@ def decode(model_cls: type[M], data: bytes | str | None) -> M:
     except json.JSONDecodeError as exc:
         where = f"line {exc.lineno} column {exc.colno}"
         raise MessageError(f"{name}: not valid JSON ({exc.msg} at {where})") from None
+    except RecursionError:
+        raise MessageError(f"{name}: JSON nested deeper than {MAX_MESSAGE_DEPTH} levels") from None
+    except ValueError as exc:  # e.g. an integer literal with too many digits
+        raise MessageError(f"{name}: not valid JSON ({exc})") from None
+    if _depth(payload) > MAX_MESSAGE_DEPTH:
+        raise MessageError(f"{name}: JSON nested deeper than {MAX_MESSAGE_DEPTH} levels")
     if not isinstance(payload, dict):
         raise MessageError(f"{name}: expected a JSON object, got {type(payload).__name__}")
     if "schema_version" not in payload:
         raise MessageError(f"{name}: missing schema_version (supported: {SCHEMA_VERSION})")
     version = payload["schema_version"]
     if type(version) is not int or version != SCHEMA_VERSION:
-        raise MessageError(f"{name}: unsupported schema_version {version!r} (supported: {SCHEMA_VERSION})")
+        raise MessageError(f"{name}: unsupported schema_version {_short_repr(version)} (supported: {SCHEMA_VERSION})")
     try:
         return model_cls.model_validate(payload)
     except ValidationError as exc:
         raise MessageError(f"{name}: invalid message: {summarize_validation_error(exc)}") from None
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of parsed JSON (a scalar is 0, ``[]`` is 1), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, level)
+        if level > MAX_MESSAGE_DEPTH:
+            break
+        stack.extend((child, level + 1) for child in children)
+    return deepest
 
 
 def summarize_validation_error(exc: ValidationError, limit: int = 5) -> str:

@@ -101,8 +101,10 @@ def plot_sweep(result: SweepResult, path: Path) -> Path:
     if finite and len(finite) < len(shown):  # a zero CUI (the floor) would squash the curves: clip it
         top.set_ylim(min(finite) - 0.5, max(finite) + 0.3)
     acc_ax = top.twinx()
-    acc_ax.plot([x_of[c.module] for c in result.cuts], [100 * c.accuracy for c in result.cuts], "ks", ms=6,
-                label="measured accuracy, all classes")  # fmt: skip
+    seeds = result.parameters.seeds
+    acc_ax.errorbar([x_of[c.module] for c in result.cuts], [100 * c.accuracy for c in result.cuts],
+                    yerr=[100 * (c.accuracy_sd or 0.0) for c in result.cuts], fmt="ks", ms=6, capsize=3,
+                    label=f"measured accuracy, all classes (mean ± sd of {seeds} seeds)")  # fmt: skip
     for s, colour in zip(result.subsets, itertools.cycle(colours)):
         acc_ax.plot([x_of[m.module] for m in s.measurements], [100 * m.accuracy for m in s.measurements], "D",
                     color=colour, ms=6, mfc="none", label=f"measured, bottleneck on {s.classes}")  # fmt: skip

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from isplit.bus import Topics
+from isplit.bus import KafkaSecurity, Topics
 
 
 class ServiceSettings(BaseSettings):
@@ -23,6 +23,18 @@ class ServiceSettings(BaseSettings):
     kafka_bootstrap: str = Field(default="127.0.0.1:9092", description="Kafka bootstrap address, host:port")
     artifact_root: Path = Field(default=Path("var/artifacts"), description="weights, reports, heads, tails")
     topic_prefix: str = Field(default="", description="namespace for the Kafka topics (shared clusters, tests)")
+    data_root: Path = Field(default=Path("var/data"), description="image folders must live under it")
+    consumer_stall_s: float = Field(
+        default=60.0, gt=0, description="/readyz fails when a consumer with lag made no progress this long, seconds"
+    )
+
+    @model_validator(mode="after")
+    def _kafka_security_is_complete(self) -> ServiceSettings:
+        try:  # fail at start-up, naming the variables, not at the first Kafka call
+            KafkaSecurity()
+        except ValidationError as exc:  # its message only: the input holds the password
+            raise ValueError("; ".join(str(e.get("ctx", {}).get("error", e["msg"])) for e in exc.errors())) from None
+        return self
 
     def topics(self) -> Topics:
         """The contract topics under this installation's prefix."""

@@ -109,3 +109,41 @@ def permutation_p(
         value = statistic(x, shuffled)
         hits += value is not None and value >= observed - eps
     return (hits + 1) / (permutations + 1)
+
+
+def rank_residuals(values: Sequence[float], controls: Sequence[Sequence[float]]) -> list[float]:
+    """Residuals of the ranks of ``values`` after a least-squares fit on the ranks of each of
+    ``controls`` (plus an intercept): what is left of the order once the controls explain theirs."""
+    import numpy as np
+
+    y = np.asarray(ranks(values), dtype=np.float64)
+    design = np.column_stack([np.ones(len(values))] + [np.asarray(ranks(c), dtype=np.float64) for c in controls])
+    coef, *_ = np.linalg.lstsq(design, y, rcond=None)
+    return [float(v) for v in y - design @ coef]
+
+
+def partial_spearman(
+    x: Sequence[float],
+    y: Sequence[float],
+    controls: Sequence[Sequence[float]],
+    *,
+    permutations: int,
+    seed: int,
+) -> tuple[float | None, float | None]:
+    """Partial Spearman correlation of ``x`` with ``y`` given ``controls``, and its one-sided p.
+
+    Both variables' ranks are residualised on the controls' ranks; the statistic is the Pearson
+    correlation of the residuals, its p-value a permutation test that shuffles ``y``'s residuals
+    (the Freedman-Lane scheme: under the null, ``y`` holds nothing beyond the controls).
+    ``(None, None)`` when fewer than ``len(controls) + 3`` points make it undefined.
+    """
+    n = len(x)
+    if n != len(y) or any(len(c) != n for c in controls):
+        raise ValueError("x, y and every control must have the same length")
+    if n < len(controls) + 3:
+        return None, None
+    rx, ry = rank_residuals(x, controls), rank_residuals(y, controls)
+    if max(map(abs, rx)) < 1e-9 or max(map(abs, ry)) < 1e-9:
+        return None, None  # the controls explain the whole order
+    rho = pearson(rx, ry)
+    return rho, permutation_p(pearson, rx, ry, permutations=permutations, seed=seed)

@@ -12,16 +12,23 @@ the handler, ``tail.pt`` and ``tail.json``, not the library.
 
 URLs: ``management_url`` is the management API base (``http://127.0.0.1:8081``),
 ``inference_base`` the inference API base (``http://127.0.0.1:8080``).
+
+Token authorization is on: every management call takes ``key`` (the management key) and every
+prediction ``key`` (the inference key), sent as ``Authorization: Bearer <key>``. TorchServe 0.12
+makes new random keys at each start and writes them to ``key_file.json`` in its working
+directory (:func:`read_keys`); ``scripts/torchserve`` runs it in its run dir.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
@@ -46,6 +53,27 @@ class TorchServeError(RuntimeError):
         super().__init__(f"{message} (HTTP {status})" if status is not None else message)
         self.status = status
         self.message = message
+
+
+@dataclass(frozen=True)
+class TorchServeKeys:
+    """The keys of a TorchServe with token authorization: management and inference APIs."""
+
+    management: str = field(repr=False)
+    inference: str = field(repr=False)
+
+
+def read_keys(key_file: Path) -> TorchServeKeys:
+    """The keys TorchServe wrote to ``key_file`` (its ``key_file.json``) at its last start.
+
+    Raises:
+        IsplitError: the file is missing or is not TorchServe's key file.
+    """
+    try:
+        keys = json.loads(Path(key_file).read_text())
+        return TorchServeKeys(management=keys["management"]["key"], inference=keys["inference"]["key"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise IsplitError(f"cannot read TorchServe's keys from {key_file}: {exc}") from None
 
 
 def default_handler_path() -> Path:
@@ -120,6 +148,7 @@ def register(
     max_batch_delay_ms: int = 5,
     initial_workers: int = 1,
     timeout_s: float = 120,
+    key: str | None = None,
 ) -> None:
     """Register ``mar_name`` (a file in the model store) as ``model_name`` and wait for its workers.
 
@@ -129,7 +158,7 @@ def register(
     Raises :class:`TorchServeError` with the server's message when TorchServe refuses.
     """
     _check_model_name(model_name)
-    before = _describe(management_url, model_name, timeout_s)
+    before = _describe(management_url, model_name, timeout_s, key)
     if _registered(before, mar_name, version):
         return
     params = {
@@ -141,8 +170,8 @@ def register(
         "synchronous": "true",
         "response_timeout": int(timeout_s),
     }
-    response = _call("POST", f"{_base(management_url)}/models", params=params, timeout_s=timeout_s + 10)
-    after = _describe(management_url, model_name, timeout_s)
+    response = _call("POST", f"{_base(management_url)}/models", params=params, timeout_s=timeout_s + 10, key=key)
+    after = _describe(management_url, model_name, timeout_s, key)
     if response.status_code == 409 and _registered(after, mar_name, version):
         return  # registered concurrently by someone else: the state we want
     _raise_for_status(response, f"registering {mar_name} as {model_name}")
@@ -150,21 +179,28 @@ def register(
     if before and len(new_versions) == 1:
         path = f"/models/{quote(model_name)}/{quote(new_versions.pop())}/set-default"
         _raise_for_status(
-            _call("PUT", _base(management_url) + path, timeout_s=timeout_s), "setting the default version"
+            _call("PUT", _base(management_url) + path, timeout_s=timeout_s, key=key), "setting the default version"
         )
 
 
-def unregister(management_url: str, model_name: str, version: str | None = None, *, timeout_s: float = 60) -> None:
+def unregister(
+    management_url: str,
+    model_name: str,
+    version: str | None = None,
+    *,
+    timeout_s: float = 60,
+    key: str | None = None,
+) -> None:
     """Unregister one ``version`` of ``model_name``, or every version; absent models are fine."""
-    versions = [str(v["modelVersion"]) for v in _describe(management_url, model_name, timeout_s)]
+    versions = [str(v["modelVersion"]) for v in _describe(management_url, model_name, timeout_s, key)]
     if not versions:
         return
-    default = _default_version(management_url, model_name, timeout_s)
+    default = _default_version(management_url, model_name, timeout_s, key)
     targets = [v for v in versions if version is None or v == str(version)]
     # TorchServe refuses to drop the default version while others remain: drop it last.
     for target in sorted(targets, key=lambda v: v == default):
         url = f"{_base(management_url)}/models/{quote(model_name)}/{quote(target)}"
-        response = _call("DELETE", url, timeout_s=timeout_s)
+        response = _call("DELETE", url, timeout_s=timeout_s, key=key)
         if response.status_code != 404:
             _raise_for_status(response, f"unregistering {model_name} version {target}")
 
@@ -175,7 +211,13 @@ def inference_url(base: str, model_name: str) -> str:
 
 
 def predict(
-    inference_base: str, model_name: str, payload: bytes, timeout_s: float = 30, *, top_k: int | None = None
+    inference_base: str,
+    model_name: str,
+    payload: bytes,
+    timeout_s: float = 30,
+    *,
+    top_k: int | None = None,
+    key: str | None = None,
 ) -> dict:
     """POST a wire message (:func:`isplit.wire.encode`) to a tail; return its JSON answer.
 
@@ -187,16 +229,17 @@ def predict(
     if top_k is not None:
         headers[wire.TOP_K_HEADER] = str(top_k)
     response = _call(
-        "POST", inference_url(inference_base, model_name), data=payload, headers=headers, timeout_s=timeout_s
+        "POST", inference_url(inference_base, model_name), data=payload, headers=headers, timeout_s=timeout_s, key=key
     )
     _raise_for_status(response, f"prediction by {model_name}")
     return response.json()
 
 
-def is_healthy(inference_base: str, timeout_s: float = 2) -> bool:
-    """Whether ``GET <inference_base>/ping`` answers ``{"status": "Healthy"}``."""
+def is_healthy(inference_base: str, timeout_s: float = 2, *, key: str | None = None) -> bool:
+    """Whether ``GET <inference_base>/ping`` answers ``{"status": "Healthy"}`` (with token
+    authorization, /ping too needs the inference ``key``)."""
     try:
-        response = requests.get(f"{_base(inference_base)}/ping", timeout=timeout_s)
+        response = requests.get(f"{_base(inference_base)}/ping", headers=auth_headers(key), timeout=timeout_s)
         return response.ok and response.json().get("status") == "Healthy"
     except (requests.RequestException, ValueError):
         return False
@@ -214,24 +257,30 @@ def _base(url: str) -> str:
     return url.rstrip("/")
 
 
-def _call(method: str, url: str, *, timeout_s: float, **kwargs) -> requests.Response:
+def auth_headers(key: str | None) -> dict[str, str]:
+    """The header that authorizes a call with ``key`` (none without a key)."""
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def _call(method: str, url: str, *, timeout_s: float, key: str | None = None, **kwargs) -> requests.Response:
+    kwargs["headers"] = {**kwargs.get("headers", {}), **auth_headers(key)}
     try:
         return requests.request(method, url, timeout=timeout_s, **kwargs)
     except requests.RequestException as exc:
         raise TorchServeError(f"cannot reach TorchServe at {url}: {exc}") from exc
 
 
-def _describe(management_url: str, model_name: str, timeout_s: float) -> list[dict]:
+def _describe(management_url: str, model_name: str, timeout_s: float, key: str | None) -> list[dict]:
     """Every registered version of ``model_name`` (TorchServe's describe entries); [] if none."""
-    response = _call("GET", f"{_base(management_url)}/models/{quote(model_name)}/all", timeout_s=timeout_s)
+    response = _call("GET", f"{_base(management_url)}/models/{quote(model_name)}/all", timeout_s=timeout_s, key=key)
     if response.status_code == 404:
         return []
     _raise_for_status(response, f"describing {model_name}")
     return response.json()
 
 
-def _default_version(management_url: str, model_name: str, timeout_s: float) -> str | None:
-    response = _call("GET", f"{_base(management_url)}/models/{quote(model_name)}", timeout_s=timeout_s)
+def _default_version(management_url: str, model_name: str, timeout_s: float, key: str | None) -> str | None:
+    response = _call("GET", f"{_base(management_url)}/models/{quote(model_name)}", timeout_s=timeout_s, key=key)
     if response.status_code == 404:
         return None
     _raise_for_status(response, f"describing {model_name}")

@@ -10,6 +10,7 @@ need only the control plane use ``cluster`` and never wait for an image build.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -145,6 +146,11 @@ class Deployment:
     management_url: str
     artifact_dir: Path
     skaffold_s: float
+    token: str = ""  # the chart's generated analyzer token, read from its Secret
+
+    def headers(self) -> dict[str, str]:
+        """The analyzer API's Authorization header."""
+        return {"Authorization": f"Bearer {self.token}"}
 
 
 def _deployments_available(c: Cluster) -> bool:
@@ -194,7 +200,9 @@ def deployed(cluster: Cluster) -> Deployment:
         p for p in c.json("get", "pvc", "-n", NAMESPACE)["items"] if p["metadata"]["name"].endswith("artifacts")
     )
     pv = c.json("get", "pv", claim["spec"]["volumeName"])
-    return Deployment(c, analyzer, inference, management, Path(pv["spec"]["hostPath"]["path"]), skaffold_s)
+    secret = c.json("get", "secret", f"{RELEASE}-analyzer-auth", "-n", NAMESPACE)
+    token = base64.b64decode(secret["data"]["token"]).decode()
+    return Deployment(c, analyzer, inference, management, Path(pv["spec"]["hostPath"]["path"]), skaffold_s, token)
 
 
 def _ok(url: str) -> bool:

@@ -35,13 +35,13 @@ OPTIONS = {"max_images": 120, "top_k": 1, "epochs": 2, "lr": 0.005, "max_train_i
 
 def _submit(d: Deployment, model_id: str, options: dict) -> str:
     body = {"model_id": model_id, "dataset": "digits", "options": options}
-    r = requests.post(d.analyzer_url + "/v1/analyses", json=body, timeout=30)
+    r = requests.post(d.analyzer_url + "/v1/analyses", json=body, headers=d.headers(), timeout=30)
     assert r.status_code == 202, r.text
     return r.json()["id"]
 
 
 def _view(d: Deployment, job: str) -> dict:
-    return requests.get(f"{d.analyzer_url}/v1/analyses/{job}", timeout=10).json()
+    return requests.get(f"{d.analyzer_url}/v1/analyses/{job}", headers=d.headers(), timeout=10).json()
 
 
 def _measured(d: Deployment, job: str):
@@ -70,8 +70,11 @@ class ClusterFlow:
 @pytest.fixture(scope="module")
 def model_id(deployed: Deployment, digits_checkpoint: Path) -> str:
     with open(digits_checkpoint, "rb") as fh:
-        r = requests.post(deployed.analyzer_url + "/v1/models", files={"file": ("m.pt", fh)}, timeout=120)
+        r = requests.post(deployed.analyzer_url + "/v1/models", files={"file": ("m.pt", fh)},
+                          headers=deployed.headers(), timeout=120)  # fmt: skip
     assert r.status_code in (200, 201), r.text
+    anonymous = requests.get(deployed.analyzer_url + "/v1/analyses", timeout=10)
+    assert anonymous.status_code == 401 and anonymous.headers["www-authenticate"].startswith("Bearer")
     return r.json()["model_id"]
 
 

@@ -149,6 +149,32 @@ imagePullSecrets:
 {{- end -}}
 
 {{/* Environment shared by every Python service container (writable caches under /tmp). */}}
+{{/* Kafka authentication of a service (isplit.bus.KafkaSecurity), from kafka.sasl. */}}
+{{- define "isplit.kafkaSecurityEnv" -}}
+{{- with .Values.kafka.sasl }}
+{{- if .enabled }}
+- name: ISPLIT_KAFKA_SECURITY_PROTOCOL
+  value: {{ .securityProtocol | quote }}
+- name: ISPLIT_KAFKA_SASL_MECHANISM
+  value: {{ .mechanism | quote }}
+- name: ISPLIT_KAFKA_SASL_USERNAME
+  {{- if .username }}
+  value: {{ .username | quote }}
+  {{- else }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ .existingSecret | quote }}
+      key: {{ .usernameKey | quote }}
+  {{- end }}
+- name: ISPLIT_KAFKA_SASL_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ .existingSecret | quote }}
+      key: {{ .passwordKey | quote }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
 {{- define "isplit.pythonRuntimeEnv" -}}
 - name: HOME
   value: /tmp
@@ -181,10 +207,21 @@ deadLetter: {{ printf "%sisplit.dead-letter.v1" .Values.kafka.topicPrefix }}
 {{- end -}}
 
 {{/* Fail early on combinations that cannot work; every problem at once. */}}
+{{/* The Secret holding the analyzer's token file, and the file's key in it. */}}
+{{- define "isplit.analyzer.authSecretName" -}}
+{{- default (printf "%s-auth" (include "isplit.componentName" (dict "root" . "component" "analyzer"))) .Values.analyzer.auth.existingSecret -}}
+{{- end -}}
+{{- define "isplit.analyzer.authSecretKey" -}}
+{{- if .Values.analyzer.auth.existingSecret }}{{ .Values.analyzer.auth.existingSecretKey }}{{ else }}tokens.jsonl{{ end -}}
+{{- end -}}
+
 {{- define "isplit.validateValues" -}}
 {{- $errors := list -}}
 {{- if not .Values.kafka.bootstrapServers -}}
 {{- $errors = append $errors "kafka.bootstrapServers is required: the address of an existing Kafka, e.g. my-cluster-kafka-bootstrap.kafka:9092 (Strimzi) or kafka.kafka:9092 (Bitnami)" -}}
+{{- end -}}
+{{- if and .Values.kafka.sasl.enabled (not .Values.kafka.sasl.existingSecret) -}}
+{{- $errors = append $errors "kafka.sasl.enabled needs kafka.sasl.existingSecret: the Secret holding the SASL password (e.g. the one Strimzi's User Operator writes for a KafkaUser)" -}}
 {{- end -}}
 {{- if and .Values.metrics.serviceMonitor.enabled .Values.metrics.podMonitor.enabled -}}
 {{- $errors = append $errors "metrics.serviceMonitor.enabled and metrics.podMonitor.enabled select the same pods: enable one of them" -}}

@@ -11,10 +11,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from isplit.auth import TokenStore
 from isplit_analyzer import metrics
 from isplit_analyzer.api import router
 from isplit_analyzer.api.deps import State
 from isplit_analyzer.api.errors import install_error_handlers, internal_error
+from isplit_analyzer.api.limits import RequestBodyGuard
 from isplit_analyzer.config import Settings, get_settings
 from isplit_analyzer.jobs import JobRunner
 from isplit_analyzer.results import ResultsConsumer
@@ -31,11 +33,20 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     db_url = settings.db_url()
     sessions = session_factory(make_engine(db_url))
     runner = JobRunner(settings, sessions, db_url)
-    results = ResultsConsumer(settings.kafka_bootstrap, settings.results_group, sessions, settings.topics())
+    results = ResultsConsumer(
+        settings.kafka_bootstrap, settings.results_group, sessions, settings.topics(), settings.consumer_stall_s
+    )
     app.state.isplit = State(settings, sessions, runner, results)
     runner.start()
     results.start()
     log.info("analyzer ready: artifacts %s, db %s", settings.artifact_root, db_url)
+    if app.state.tokens.problem:
+        log.warning(
+            "no API token can authenticate (%s): every /v1 call answers 401; make one with "
+            "`isplit token create --file %s`",
+            app.state.tokens.problem,
+            settings.analyzer_tokens_file,
+        )
     try:
         yield
     finally:
@@ -50,8 +61,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Submit I-SPLIT analysis jobs; candidates go to Kafka for retraining.",
         lifespan=lifespan,
     )
-    app.state.settings = settings or get_settings()
+    app.state.settings = settings = settings or get_settings()
+    app.state.tokens = TokenStore(settings.analyzer_tokens_file)
     install_error_handlers(app)
+
+    def body_limit(scope: dict) -> int:
+        upload = scope["method"] == "POST" and scope["path"].rstrip("/") == "/v1/models"
+        return settings.max_upload_bytes if upload else settings.max_request_bytes
+
+    # Added before the metrics middleware so it sits inside it: a refusal raised from `receive`
+    # reaches the route directly (the metrics middleware reads the body in a task group).
+    app.add_middleware(
+        RequestBodyGuard,
+        limit_for=body_limit,
+        idle_s=settings.body_idle_timeout_seconds,
+        total_s=settings.body_timeout_seconds,
+    )
 
     @app.middleware("http")
     async def _observe(request: Request, call_next):  # type: ignore[no-untyped-def]
@@ -72,4 +97,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(router)
+
     return app

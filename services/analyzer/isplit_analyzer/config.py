@@ -23,7 +23,17 @@ class Settings(ServiceSettings):
     analyzer_port: int = 8000
     analyzer_workers: int = Field(default=1, ge=1, le=16, description="analyses run at once")
     analyzer_device: str = "auto"
-    max_upload_bytes: int = 200 * 1024 * 1024
+    max_upload_bytes: int = Field(
+        default=200 * 1024 * 1024, ge=1, description="POST /v1/models body limit (file and multipart framing)"
+    )
+    max_request_bytes: int = Field(default=1024 * 1024, ge=1, description="body limit of every other request")
+    analyzer_tokens_file: Path = Field(
+        default=Path("var/run/analyzer-tokens.jsonl"),
+        description="API tokens (JSON lines: name, sha256, scopes); missing = every API call is 401",
+    )
+    header_timeout_seconds: float = Field(default=10.0, gt=0, description="a request's headers must arrive in it")
+    body_idle_timeout_seconds: float = Field(default=15.0, gt=0, description="longest pause between body chunks")
+    body_timeout_seconds: float = Field(default=300.0, gt=0, description="a whole request body must arrive in it")
     publish_retry_seconds: float = 5.0
     results_group: str = "isplit-analyzer"
 

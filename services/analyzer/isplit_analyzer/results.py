@@ -1,21 +1,29 @@
-"""Consumes ``isplit.training-results.v1`` and attaches measurements to candidates."""
+"""Consumes ``isplit.training-results.v1`` and attaches measurements to candidates.
+
+Messages are untrusted: a record that cannot be decoded, or that breaks anything but the
+database or Kafka, is dead-lettered with the reason and committed past; ``progress`` tells
+``/readyz`` whether the loop keeps up.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import threading
+import time
 from typing import Any
 
 from sqlalchemy import update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from isplit.bus import Topics, dead_letter, make_consumer, make_producer
+from isplit.bus import ConsumerProgress, Topics, consumer_lag, dead_letter, make_consumer, make_producer
 from isplit.messages import MessageError, TrainingResult, decode
 from isplit_analyzer import metrics
 from isplit_analyzer.store import CandidateRow
 
 log = logging.getLogger("isplit.analyzer.results")
+LAG_CHECK_S = 2.0  # how often the loop measures its lag for the readiness probe
 
 
 def attach_result(sessions: sessionmaker[Session], result: TrainingResult) -> bool:
@@ -32,11 +40,19 @@ def attach_result(sessions: sessionmaker[Session], result: TrainingResult) -> bo
 class ResultsConsumer:
     """A background thread: poll, attach, commit; unreadable records go to the dead-letter topic."""
 
-    def __init__(self, bootstrap: str, group: str, sessions: sessionmaker[Session], topics: Topics) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        group: str,
+        sessions: sessionmaker[Session],
+        topics: Topics,
+        stall_after_s: float = 60.0,
+    ) -> None:
         self.bootstrap = bootstrap
         self.topics = topics
         self.group = group
         self.sessions = sessions
+        self.progress = ConsumerProgress(stall_after_s)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -52,6 +68,7 @@ class ResultsConsumer:
     def _run(self) -> None:
         consumer: Any = None
         producer: Any = None
+        last_lag = 0.0
         while not self._stop.is_set():
             try:
                 if consumer is None:
@@ -63,6 +80,10 @@ class ResultsConsumer:
                         self._handle(record, producer)
                 if batch:
                     consumer.commit()
+                    self.progress.progressed()
+                if time.monotonic() - last_lag > LAG_CHECK_S:
+                    last_lag = time.monotonic()
+                    self.progress.observe(consumer_lag(consumer))
             except Exception as exc:  # broker gone: reconnect after a pause
                 log.warning("results consumer: %s; reconnecting", exc)
                 for client in (consumer, producer):
@@ -77,14 +98,19 @@ class ResultsConsumer:
             producer.close()
 
     def _handle(self, record: Any, producer: Any) -> None:
+        """Attach one record's result; dead-letter it when it cannot be. Raises only when the
+        database is unreachable or the dead letter cannot be published (the loop reconnects
+        and the record is read again)."""
         try:
             result = decode(TrainingResult, record.value)
-        except MessageError as exc:
-            dead_letter(
-                producer, self.topics.results, record, str(exc), "isplit-analyzer", topic=self.topics.dead_letter
-            )
+            attached = attach_result(self.sessions, result)
+        except OperationalError:
+            raise
+        except Exception as exc:  # MessageError, or anything else this record makes go wrong
+            reason = str(exc) if isinstance(exc, MessageError) else f"unexpected error: {type(exc).__name__}: {exc}"
+            dead_letter(producer, self.topics.results, record, reason, "isplit-analyzer", topic=self.topics.dead_letter)
             return
-        if attach_result(self.sessions, result):
+        if attached:
             metrics.RESULTS_CONSUMED.inc()
         else:
             log.info("result for unknown candidate %s ignored", result.candidate_id)

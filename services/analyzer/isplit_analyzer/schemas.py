@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from isplit.messages import BottleneckSpec
 from isplit.plan import DeploymentSpec
@@ -50,7 +50,9 @@ class AnalysisRequest(BaseModel):
     model_id: str = Field(pattern=r"^m-[0-9a-f]{12}$", description="from POST /v1/models")
     arch: str | None = Field(default=None, description="if given, must match the uploaded checkpoint")
     dataset: str = Field(min_length=1, max_length=512, description="fashion-mnist | digits | imagefolder:<path>")
-    classes: list[int | str] | None = Field(default=None, description="class indices or names; null = all")
+    classes: list[StrictInt | str] | None = Field(
+        default=None, max_length=100_000, description="class indices (integers) or names; null = all"
+    )
     options: AnalysisOptions = Field(default_factory=AnalysisOptions)
     deployment: DeploymentSpec | None = Field(
         default=None,
@@ -149,6 +151,7 @@ class Correlation(BaseModel):
 
 class AnalysisView(BaseModel):
     id: str
+    owner: str | None = Field(default=None, description="the token principal that submitted it")
     status: Status
     progress: Progress
     request: dict[str, Any]
@@ -170,6 +173,7 @@ class AnalysisPage(BaseModel):
 
 class ModelView(BaseModel):
     model_id: str
+    owner: str | None = Field(default=None, description="the token principal that uploaded it")
     arch: str
     sha256: str
     size_bytes: int

@@ -35,6 +35,7 @@ def model_view(rec: ModelRecord) -> ModelView:
     info = rec.info
     return ModelView(
         model_id=rec.id,
+        owner=rec.owner,
         arch=rec.arch,
         sha256=rec.sha256,
         size_bytes=rec.size_bytes,
@@ -144,6 +145,7 @@ def analysis_view(job: Job, rows: list[CandidateRow], artifact_root: Path, full:
         plot_url = f"/v1/analyses/{job.id}/plot.png"
     return AnalysisView(
         id=job.id,
+        owner=job.owner,
         status=job.status,  # type: ignore[arg-type]
         progress=Progress(
             images_done=job.images_done,

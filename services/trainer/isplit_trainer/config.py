@@ -7,9 +7,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 
 from isplit.settings import ServiceSettings
+from isplit.torchserve import TorchServeKeys, read_keys
 
 
 class Settings(ServiceSettings):
@@ -18,6 +19,16 @@ class Settings(ServiceSettings):
     torchserve_management_url: str = Field(default="http://127.0.0.1:8081", description="empty = do not register")
     torchserve_inference_url: str = "http://127.0.0.1:8080"
     torchserve_model_store: Path | None = Field(default=None, description="default: <artifact_root>/model-store")
+    torchserve_key_file: Path = Field(
+        default=Path("var/torchserve/key_file.json"),
+        description="TorchServe's key_file.json (token authorization), read at each registration",
+    )
+    torchserve_management_key: SecretStr = Field(
+        default=SecretStr(""), description="the management key (a Secret in a cluster); set, it wins over the file"
+    )
+    torchserve_inference_key: SecretStr = Field(
+        default=SecretStr(""), description="the inference key for the trainer's test requests; set, it wins"
+    )
     trainer_metrics_port: int = 9101
     trainer_executor: Literal["inline", "kubernetes"] = "inline"
     trainer_device: str = "auto"
@@ -30,6 +41,17 @@ class Settings(ServiceSettings):
     trainer_job_template: str = Field(
         default="", description="kubernetes executor: the Job template JSON (see k8s_executor.JobTemplate)"
     )
+
+    def torchserve_keys(self) -> TorchServeKeys:
+        """The keys for TorchServe: the configured ones, else those in the key file (read now:
+        a restarted TorchServe has new ones); empty without either (token authorization off, as
+        in the chart). Raises ``IsplitError`` when the key file exists but cannot be read."""
+        management = self.torchserve_management_key.get_secret_value()
+        inference = self.torchserve_inference_key.get_secret_value()
+        if (management and inference) or not self.torchserve_key_file.exists():
+            return TorchServeKeys(management=management, inference=inference)
+        from_file = read_keys(self.torchserve_key_file)
+        return TorchServeKeys(management=management or from_file.management, inference=inference or from_file.inference)
 
     def model_store(self) -> Path:
         return self.torchserve_model_store or self.artifact_root / "model-store"

@@ -4,6 +4,10 @@ While a candidate trains (minutes), its partitions are paused and the loop keeps
 the group never sees a stalled member and no rebalance hands the work to someone else. The
 offset is committed only after the result (or dead letter) is published. SIGTERM abandons
 the current candidate (not committed, so it is redelivered) and exits cleanly.
+
+Messages are untrusted: whatever a record makes go wrong, other than Kafka refusing a publish,
+dead-letters that record with the reason and commits past it; only a failed publish is retried.
+``progress`` tells the readiness probe whether the loop keeps up.
 """
 
 from __future__ import annotations
@@ -16,7 +20,16 @@ from typing import Any
 
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from isplit.bus import dead_letter, ensure_topics, make_consumer, make_producer, publish
+from isplit.bus import (
+    ConsumerProgress,
+    PublishError,
+    consumer_lag,
+    dead_letter,
+    ensure_topics,
+    make_consumer,
+    make_producer,
+    publish,
+)
 from isplit.messages import MessageError, SplitCandidate, TrainingResult, decode
 from isplit.retrain import Abandoned
 from isplit_trainer import metrics
@@ -26,6 +39,7 @@ from isplit_trainer.pipeline import CandidateError, existing_result, register_re
 
 log = logging.getLogger("isplit.trainer")
 COMMIT, RETRY, ABANDON = "commit", "retry", "abandon"
+LAG_CHECK_S = 2.0  # how often the loop measures its lag (for the readiness probe and the metric)
 SERVICE = "isplit-trainer"
 
 
@@ -36,6 +50,7 @@ class TrainerLoop:
         self.stop_event = threading.Event()
         self._producer: Any = None
         self.topics = settings.topics()
+        self.progress = ConsumerProgress(settings.consumer_stall_s)
 
     def request_stop(self, *_: object) -> None:
         log.info("stop requested: finishing the poll loop, abandoning the current candidate")
@@ -56,7 +71,7 @@ class TrainerLoop:
             return COMMIT
         log.info("training candidate %s (cut %s)", candidate.candidate_id, candidate.cut)
         try:
-            result = self.executor.run(candidate, self.stop_event.is_set)
+            result = self.executor.run(candidate, self._should_stop)
         except Abandoned:
             return ABANDON
         except CandidateError as exc:
@@ -72,6 +87,10 @@ class TrainerLoop:
         log.info("candidate %s %s: split accuracy %s", candidate.candidate_id, result.status, result.accuracy_split)
         return COMMIT
 
+    def _should_stop(self) -> bool:
+        self.progress.progressed()  # asked every few batches: training is alive
+        return self.stop_event.is_set()
+
     def _dead_letter(self, record: Any, reason: str) -> str:
         dead_letter(self._producer, self.topics.candidates, record, reason, SERVICE, topic=self.topics.dead_letter)
         metrics.CANDIDATES.labels("dead_lettered").inc()
@@ -86,9 +105,15 @@ class TrainerLoop:
     def _safe_handle(self, record: Any) -> str:
         try:
             return self.handle(record)
-        except Exception:  # Kafka down while publishing: leave it uncommitted and retry
+        except PublishError:  # Kafka down while publishing: leave it uncommitted and retry
             log.exception("publishing for offset %s failed; will retry", record.offset)
             return RETRY
+        except Exception as exc:  # the record broke something: never retry it forever
+            log.exception("offset %s could not be processed", record.offset)
+            try:
+                return self._dead_letter(record, f"unexpected error: {type(exc).__name__}: {exc}")
+            except PublishError:
+                return RETRY
 
     # -- the poll loop, on the main thread ----------------------------------------------------
     def run(self) -> None:
@@ -120,9 +145,13 @@ class TrainerLoop:
                     record, future = current
                     self._finish(consumer, record, future.result())
                     current = None
-                if time.monotonic() - last_lag > 5:
+                if time.monotonic() - last_lag > LAG_CHECK_S:
                     last_lag = time.monotonic()
-                    self._update_lag(consumer)
+                    lag = consumer_lag(consumer)
+                    if lag is not None:
+                        lag += current is not None  # the record in work is fetched, not done
+                        metrics.CONSUMER_LAG.set(lag)
+                    self.progress.observe(lag)
         finally:
             pool.shutdown(wait=True)
             consumer.close(autocommit=False)
@@ -134,6 +163,7 @@ class TrainerLoop:
         if outcome == COMMIT:
             try:
                 consumer.commit({tp: OffsetAndMetadata(record.offset + 1, "", -1)})
+                self.progress.progressed()
             except Exception as exc:  # partition moved on a rebalance: the new owner re-publishes
                 log.warning("commit of %s@%s failed: %s", tp, record.offset, exc)
         elif tp in consumer.assignment():
@@ -141,13 +171,3 @@ class TrainerLoop:
             if outcome == RETRY:
                 time.sleep(2)
         consumer.resume(*consumer.assignment())
-
-    def _update_lag(self, consumer: Any) -> None:
-        try:
-            parts = list(consumer.assignment())
-            if not parts:
-                return
-            ends = consumer.end_offsets(parts)
-            metrics.CONSUMER_LAG.set(sum(max(0, ends[tp] - consumer.position(tp)) for tp in parts))
-        except Exception:  # lag is best effort
-            pass

@@ -8,8 +8,6 @@ import os
 import signal
 import sys
 
-from prometheus_client import start_http_server
-
 from isplit.messages import MessageError, SplitCandidate, decode
 from isplit_trainer.config import Settings, get_settings
 
@@ -23,9 +21,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train-candidate":
         return train_one(settings)
     from isplit_trainer.consumer import TrainerLoop
+    from isplit_trainer.probes import serve_probes
 
-    start_http_server(settings.trainer_metrics_port)
     loop = TrainerLoop(settings)
+    serve_probes(settings.trainer_metrics_port, loop.progress)
     signal.signal(signal.SIGTERM, loop.request_stop)
     signal.signal(signal.SIGINT, loop.request_stop)
     loop.run()

@@ -18,9 +18,10 @@ import torch
 from isplit import IsplitError, wire
 from isplit import torchserve as ts
 from isplit.checkpoint import load_model
-from isplit.data import load_dataset
+from isplit.data import DatasetRef
 from isplit.export import export_pair
-from isplit.messages import SplitCandidate, TrainingResult
+from isplit.exported import with_dataset_names
+from isplit.messages import MessageError, SplitCandidate, TrainingResult, resolve_under
 from isplit.retrain import retrain_split, training_result
 from isplit.training import pick_device
 from isplit_trainer import metrics
@@ -70,19 +71,24 @@ def train_candidate(
     ``register=False`` (a training Job, which reaches nothing but the artifact volume) stops
     after the export; the trainer that started the Job registers with :func:`register_result`.
     """
-    out = candidate_dir(settings, candidate.candidate_id)
-    out.mkdir(parents=True, exist_ok=True)
-    weights = settings.artifact_root / candidate.model.weights_uri
+    # Paths in a message are untrusted: weights under the artifact root, image folders under
+    # the data root, whatever the analyzer checked before publishing.
+    try:
+        weights = resolve_under(settings.artifact_root, candidate.model.weights_uri, "weights")
+        dataset = DatasetRef.parse(candidate.dataset.name, root=settings.data_root)
+    except (MessageError, IsplitError) as exc:
+        raise CandidateError(str(exc)) from exc
     if not weights.is_file():
         raise CandidateError(f"weights {candidate.model.weights_uri!r} not found under the artifact root")
+    out = candidate_dir(settings, candidate.candidate_id)
+    out.mkdir(parents=True, exist_ok=True)
     try:
         model, info = load_model(weights, arch=candidate.model.arch)
-        train = load_dataset(candidate.dataset.name, "train", in_channels=info.in_channels)
-        test = load_dataset(candidate.dataset.name, "test", in_channels=info.in_channels)
+        train = dataset.load("train", in_channels=info.in_channels)
+        test = dataset.load("test", in_channels=info.in_channels)
     except IsplitError as exc:
         raise CandidateError(str(exc)) from exc
-    if not info.class_names:  # a torch.export program without names takes the dataset's
-        info = info.model_copy(update={"class_names": list(train.class_names)})
+    info = with_dataset_names(info, train.class_names)
     cap = candidate.dataset.max_train_images or settings.trainer_max_train_images
     if cap:
         train = train.subset(None, cap)
@@ -159,6 +165,7 @@ def _register(result: TrainingResult, paths: dict[str, Path], model_name: str, s
     store = settings.model_store()
     store.mkdir(parents=True, exist_ok=True)
     try:
+        keys = settings.torchserve_keys()
         mar = ts.build_mar(paths["tail.pt"], paths["tail.json"], model_name, "1.0", store)
         ts.register(
             settings.torchserve_management_url,
@@ -167,6 +174,7 @@ def _register(result: TrainingResult, paths: dict[str, Path], model_name: str, s
             batch_size=settings.tail_batch_size,
             max_batch_delay_ms=settings.tail_max_batch_delay_ms,
             initial_workers=settings.tail_workers,
+            key=keys.management,
         )
         # Real requests prove the tail answers and measure network + tail latency.
         head = torch.jit.load(str(paths["head.pt"]))
@@ -176,9 +184,9 @@ def _register(result: TrainingResult, paths: dict[str, Path], model_name: str, s
             payload = wire.encode(head(x), "fp16")
         # The first request warms the new worker up; the second is the steady-state latency
         # the planner uses for the server side.
-        ts.predict(settings.torchserve_inference_url, model_name, payload, timeout_s=30)
+        ts.predict(settings.torchserve_inference_url, model_name, payload, timeout_s=30, key=keys.inference)
         t0 = time.perf_counter()
-        ts.predict(settings.torchserve_inference_url, model_name, payload, timeout_s=30)
+        ts.predict(settings.torchserve_inference_url, model_name, payload, timeout_s=30, key=keys.inference)
         latency_ms = (time.perf_counter() - t0) * 1000
     except Exception as exc:  # training succeeded; serving did not: say so in the result
         log.warning("registering %s failed: %s", model_name, exc)

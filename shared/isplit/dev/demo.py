@@ -26,8 +26,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from isplit import IsplitError
+from isplit.auth import bearer
 from isplit.dev.reference import cached_reference_model
-from isplit.dev.stack import home
+from isplit.dev.stack import analyzer_token, home
 from isplit.plan import (
     DEMO_DEPLOYMENT,
     DeploymentSpec,
@@ -43,10 +44,15 @@ from isplit.plan import (
 
 
 def _api(base: str, method: str, path: str, **kw) -> dict:
-    r = requests.request(method, base + path, timeout=60, **kw)
+    r = _call(base, method, path, **kw)
     if r.status_code >= 400:
         raise IsplitError(f"{method} {path} -> {r.status_code}: {r.text[:300]}")
     return r.json()
+
+
+def _call(base: str, method: str, path: str, **kw) -> requests.Response:
+    """One API call with the local stack's token (``ISPLIT_ANALYZER_TOKEN`` or var/run/analyzer-token)."""
+    return requests.request(method, base + path, timeout=60, headers=bearer(analyzer_token()), **kw)
 
 
 def reference_model(args: argparse.Namespace) -> Path:
@@ -188,6 +194,7 @@ def edge_check(view: dict, checkpoint: Path, out: Path, n_images: int, plan: Pla
     from isplit.checkpoint import load_model
     from isplit.data import load_dataset
     from isplit.edge import EdgeClient
+    from isplit.torchserve import read_keys
 
     measured = [c for c in view["candidates"] if c["measured"] and c["measured"].get("inference_url")]
     if not measured:
@@ -204,7 +211,8 @@ def edge_check(view: dict, checkpoint: Path, out: Path, n_images: int, plan: Pla
         p = img_dir / f"test-{i:03d}-{test.class_names[int(test.labels[i])].replace('/', '_')}.png"
         Image.fromarray(test.images[i, 0].numpy()).save(p)
         paths.append(p)
-    client = EdgeClient(head, m["inference_url"], encoding="fp16")
+    keys = read_keys(home() / "torchserve" / "key_file.json")  # the stack's TorchServe
+    client = EdgeClient(head, m["inference_url"], encoding="fp16", inference_key=keys.inference)
     pred = client.predict_files(paths, top_k=1)
     full, _ = load_model(checkpoint)
     with torch.inference_mode():
@@ -270,7 +278,7 @@ def run(args: argparse.Namespace) -> int:
         plan, plan_lines = plan_section(base, job, folder, label)
         plans[job] = (plan, folder)
         png = out / f"curve-{job}.png"
-        png.write_bytes(requests.get(f"{base}/v1/analyses/{job}/plot.png", timeout=30).content)
+        png.write_bytes(_call(base, "GET", f"/v1/analyses/{job}/plot.png").content)
         corr = view.get("correlation") or {}
         lines += [f"## {label} (analysis `{job}`)", "", f"Best cut by CUI: `{view['result']['best']}`; "
                   f"size baseline's pick: `{view['result']['size_ranking'][0]}`.", "", *candidate_table(view), "",

@@ -3,7 +3,9 @@
 Kafka (127.0.0.1:9092), the analyzer (:8000), the trainer (metrics :9101), TorchServe (:8080,
 :8081, :8082) and, when installed, Prometheus (:9090) scraping them all. Pid and log files live
 in ``<home>/run``; artifacts, the SQLite job store and Kafka data under ``<home>`` (default
-``var/`` in the repository, ``ISPLIT_HOME`` to move it).
+``var/`` in the repository, ``ISPLIT_HOME`` to move it). The first ``up`` makes an analyzer
+token with every scope (principal ``local``) in ``<home>/run/analyzer-token`` (mode 0600), its
+hash in ``<home>/run/analyzer-tokens.jsonl``; the CLI and the demo read it from there.
 """
 
 from __future__ import annotations
@@ -20,11 +22,35 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from isplit import IsplitError
+from isplit.auth import add_token, client_token, write_secret_file
 from isplit.dev import REPO, torchserve
 
 
 def home() -> Path:
     return Path(os.environ.get("ISPLIT_HOME", REPO / "var")).resolve()
+
+
+def token_file() -> Path:
+    """The local stack's analyzer token (mode 0600), made by the first ``up``."""
+    return home() / "run" / "analyzer-token"
+
+
+def tokens_file() -> Path:
+    """The local analyzer's token file (hashes only)."""
+    return home() / "run" / "analyzer-tokens.jsonl"
+
+
+def analyzer_token() -> str | None:
+    """The token clients of the local stack send: ``ISPLIT_ANALYZER_TOKEN`` or the stack's file."""
+    return client_token(token_file())
+
+
+def ensure_token() -> None:
+    """Make the stack's token once: an ``admin`` token for the principal ``local``."""
+    if token_file().exists():
+        return
+    write_secret_file(token_file(), add_token(tokens_file(), "local", ["read", "submit", "admin"]) + "\n")
+    print(f"  analyzer token written to {token_file()} (mode 0600)")
 
 
 def stack_env() -> dict[str, str]:
@@ -35,8 +61,10 @@ def stack_env() -> dict[str, str]:
         "ISPLIT_ARTIFACT_ROOT": str(h / "artifacts"),
         "ISPLIT_KAFKA_DIR": str(h / "kafka"),
         "ISPLIT_TORCHSERVE_DIR": str(h / "torchserve"),
+        "ISPLIT_TORCHSERVE_KEY_FILE": str(h / "torchserve" / "key_file.json"),
         "ISPLIT_KAFKA_BOOTSTRAP": "127.0.0.1:9092",
         "ISPLIT_DATA_ROOT": str(h / "data"),
+        "ISPLIT_ANALYZER_TOKENS_FILE": str(tokens_file()),
     }
 
 
@@ -145,6 +173,7 @@ def up() -> None:
     env = stack_env()
     (home() / "artifacts").mkdir(parents=True, exist_ok=True)
     print(f"isplit stack: home {home()}")
+    ensure_token()
     if _script("kafka", "start", env) != 0:
         raise IsplitError("Kafka did not start; see scripts/kafka logs")
     subprocess.run(
@@ -156,7 +185,7 @@ def up() -> None:
     for svc in services():
         svc.up(env)
     print("isplit stack is up:")
-    print("  analyzer API   http://127.0.0.1:8000/docs")
+    print(f"  analyzer API   http://127.0.0.1:8000/docs (token: {token_file()})")
     print("  TorchServe     http://127.0.0.1:8080 (management :8081, metrics :8082)")
     print("  trainer        metrics http://127.0.0.1:9101/metrics")
     if shutil.which("prometheus"):

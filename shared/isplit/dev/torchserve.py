@@ -2,7 +2,7 @@
 or a private one on free ports (tests, benchmarks) that is stopped and removed afterwards.
 
     with private_torchserve(tmp_dir) as server:
-        ts.register(server.management_url, ...)
+        ts.register(server.management_url, ..., key=server.keys().management)
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from isplit.dev import REPO
+from isplit.torchserve import TorchServeKeys, read_keys
 
 SCRIPT = REPO / "scripts" / "torchserve"
 BASE_CONFIG = REPO / "services" / "tail-serving" / "config.properties"
@@ -31,12 +32,18 @@ class TorchServeError(RuntimeError):
 
 @dataclass(frozen=True)
 class TorchServeEndpoints:
-    """Where a running TorchServe listens, and the model store it loads ``.mar`` files from."""
+    """Where a running TorchServe listens, the model store it loads ``.mar`` files from, and the
+    key file its token authorization wrote."""
 
     inference_url: str
     management_url: str
     metrics_url: str
     model_store: Path
+    key_file: Path
+
+    def keys(self) -> TorchServeKeys:
+        """The current keys (read again each time: a restart makes new ones)."""
+        return read_keys(self.key_file)
 
 
 def free_ports(count: int) -> list[int]:
@@ -63,6 +70,7 @@ def read_state(run_dir: Path) -> TorchServeEndpoints | None:
         management_url=values["ISPLIT_TORCHSERVE_MANAGEMENT_URL"],
         metrics_url=values["ISPLIT_TORCHSERVE_METRICS_URL"],
         model_store=Path(values["ISPLIT_TORCHSERVE_MODEL_STORE"]),
+        key_file=Path(values.get("ISPLIT_TORCHSERVE_KEY_FILE", run_dir / "key_file.json")),
     )
 
 
@@ -104,6 +112,13 @@ def run_script(
     )
 
 
+def private_env(root: Path, env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment ``scripts/torchserve`` gets for the private server under ``root`` (to
+    stop or start it again by hand: ``run_script("stop", private_env(root))``)."""
+    return {**os.environ, **(env or {}), "ISPLIT_ARTIFACT_ROOT": str(root / "artifacts"),
+            "ISPLIT_TORCHSERVE_DIR": str(root / "run"), "ISPLIT_TORCHSERVE_CONFIG": str(root / "config.properties")}  # fmt: skip
+
+
 @contextmanager
 def private_torchserve(
     root: Path, overrides: Mapping[str, str | None] | None = None, env: Mapping[str, str] | None = None
@@ -111,8 +126,7 @@ def private_torchserve(
     """A TorchServe of our own under ``root`` (artifacts, run dir, config) on free ports, with
     config ``overrides``; stopped at exit. Raises ``TorchServeError`` if it does not start."""
     config = root / "config.properties"
-    run_env = {**os.environ, **(env or {}), "ISPLIT_ARTIFACT_ROOT": str(root / "artifacts"),
-               "ISPLIT_TORCHSERVE_DIR": str(root / "run"), "ISPLIT_TORCHSERVE_CONFIG": str(config)}  # fmt: skip
+    run_env = private_env(root, env)
     root.mkdir(parents=True, exist_ok=True)
     endpoints = None
     for _attempt in range(3):  # a free port can be taken before TorchServe binds it: pick again

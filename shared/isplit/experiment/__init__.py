@@ -11,7 +11,10 @@ One sweep, for a model and a dataset:
    subset, bottlenecks are also trained on that subset's images at a few cuts;
 4. measured accuracy is compared with (a) log10 CUI and (b) the size baseline (smaller
    output bytes = better cut): Spearman and Kendall correlations with one-sided permutation
-   p-values, and the accuracy of the cut each method would pick.
+   p-values, the partial rank correlation of accuracy with CUI given size (and depth), and
+   the accuracy of the cut each method would pick, overall and inside head-FLOPs budgets
+   (10 %, 25 %, 50 % of the network: the headline), on the curves of both targets; every
+   bottleneck is trained with several seeds (mean and spread).
 
 Everything lands in one JSON (:class:`SweepResult`); the Markdown report and the plot are
 generated from that JSON alone (``isplit experiment report`` regenerates them).
@@ -26,21 +29,32 @@ Markdown, output files; the plot is ``isplit.plots.plot_sweep``), ``cli`` (the c
 """
 
 from isplit.experiment.claims import (
+    budget_picks,
     choose_cuts,
     correlate,
     evaluate_claim,
+    partial_correlations,
     size_control,
     size_pick,
     spanning_order,
     subset_search,
 )
 from isplit.experiment.cli import main, register_cli
-from isplit.experiment.report import read_result, render_report, verdict, write_outputs, write_report
+from isplit.experiment.report import (
+    budget_comparison,
+    read_result,
+    render_report,
+    verdict,
+    write_outputs,
+    write_report,
+)
 from isplit.experiment.schema import (
     SCHEMA,
+    BudgetPicks,
     Correlation,
     CutMeasurement,
     Machine,
+    PartialCorrelation,
     Pick,
     Picks,
     SizeControl,
@@ -54,9 +68,11 @@ from isplit.stats import permutation_p
 
 __all__ = [
     "SCHEMA",
+    "BudgetPicks",
     "Correlation",
     "CutMeasurement",
     "Machine",
+    "PartialCorrelation",
     "Pick",
     "Picks",
     "SizeControl",
@@ -64,10 +80,13 @@ __all__ = [
     "SubsetResult",
     "SweepConfig",
     "SweepResult",
+    "budget_comparison",
+    "budget_picks",
     "choose_cuts",
     "correlate",
     "evaluate_claim",
     "main",
+    "partial_correlations",
     "permutation_p",
     "read_result",
     "register_cli",

@@ -8,13 +8,21 @@ from collections.abc import Sequence
 from typing import Literal
 
 from isplit import IsplitError
-from isplit.experiment.schema import Correlation, CutMeasurement, Pick, Picks, SizeControl
+from isplit.experiment.schema import (
+    BudgetPicks,
+    Correlation,
+    CutMeasurement,
+    PartialCorrelation,
+    Pick,
+    Picks,
+    SizeControl,
+)
 from isplit.importance import (
     ImportanceCurve,
     ImportanceStats,
     curve_from_stats,
 )
-from isplit.stats import cut_predictors, kendall, permutation_p, spearman
+from isplit.stats import cut_predictors, kendall, partial_spearman, permutation_p, spearman
 
 
 def spanning_order(n: int) -> list[int]:
@@ -137,7 +145,9 @@ def subset_accuracy(per_class: Sequence[float | None], counts: Sequence[int], cl
     return correct / total if total else None
 
 
-def _pick(method: Literal["cui", "size", "oracle"], module: str, tied: Sequence[str], cuts: Sequence[CutMeasurement]):
+def _pick(
+    method: Literal["cui", "size", "oracle"], module: str, tied: Sequence[str], cuts: Sequence[CutMeasurement]
+) -> Pick:
     by_module = {c.module: c for c in cuts}
     measured = by_module.get(module)
     tie_acc = [by_module[m].accuracy for m in [module, *tied] if m in by_module]
@@ -148,7 +158,92 @@ def _pick(method: Literal["cui", "size", "oracle"], module: str, tied: Sequence[
         output_bytes=measured.output_bytes if measured else 0,
         tied=list(tied),
         tie_mean_accuracy=sum(tie_acc) / len(tie_acc) if tied and tie_acc else None,
+        accuracy_sd=measured.accuracy_sd if measured else None,
+        head_flops_fraction=measured.head_flops_fraction if measured else None,
     )
+
+
+def within_budget(curve: ImportanceCurve, fractions: dict[str, float], budget: float) -> list[str]:
+    """Non-skipped cuts whose head costs at most ``budget`` of the network's FLOPs, in network order."""
+    return [p.module for p in curve.points if not p.skipped and fractions[p.module] <= budget + 1e-9]
+
+
+def budget_cui_pick(curve: ImportanceCurve, eligible: Sequence[str]) -> tuple[str | None, bool]:
+    """I-SPLIT's cut inside a budget: the local maximum with the highest CUI among ``eligible``,
+    else (none fits) the eligible cut with the highest CUI; and whether it is a local maximum."""
+    cands = [m for m in eligible if m in set(curve.candidates)]
+    pool = cands or list(eligible)
+    if not pool:
+        return None, False
+    return max(pool, key=lambda m: curve.point(m).log10_cui), bool(cands)
+
+
+def budget_size_pick(curve: ImportanceCurve, eligible: Sequence[str]) -> tuple[str | None, list[str]]:
+    """The size baseline inside a budget: the smallest output (earliest of a tie) and its ties."""
+    if not eligible:
+        return None, []
+    smallest = min(curve.point(m).output_bytes for m in eligible)
+    tied = [m for m in eligible if curve.point(m).output_bytes == smallest]
+    return tied[0], tied[1:]
+
+
+def budget_picks(
+    curves: Sequence[ImportanceCurve],
+    cuts: Sequence[CutMeasurement],
+    fractions: dict[str, float],
+    budgets: Sequence[float],
+) -> list[BudgetPicks]:
+    """Per curve (target) and budget: I-SPLIT's, the size baseline's and the best measured cut
+    among the cuts whose head costs at most the budget (see :class:`BudgetPicks`)."""
+    rows = []
+    for curve in curves:
+        for budget in budgets:
+            eligible = within_budget(curve, fractions, budget)
+            cui, is_candidate = budget_cui_pick(curve, eligible)
+            size, size_tied = budget_size_pick(curve, eligible)
+            measured = [c for c in cuts if c.module in set(eligible)]
+            oracle = max(measured, key=lambda c: c.accuracy, default=None)
+            rows.append(
+                BudgetPicks(
+                    budget=budget,
+                    target=curve.target,
+                    cui_is_candidate=is_candidate,
+                    cui=_with_bytes(_pick("cui", cui, [], cuts), curve) if cui else None,
+                    size=_with_bytes(_pick("size", size, size_tied, cuts), curve) if size else None,
+                    oracle=_with_bytes(_pick("oracle", oracle.module, [], cuts), curve) if oracle else None,
+                )
+            )
+    return rows
+
+
+def _with_bytes(pick: Pick, curve: ImportanceCurve) -> Pick:
+    pick.output_bytes = curve.point(pick.module).output_bytes
+    return pick
+
+
+def budget_modules(
+    curves: Sequence[ImportanceCurve], fractions: dict[str, float], budgets: Sequence[float]
+) -> list[str]:
+    """Every cut some method picks inside some budget (they must be measured to compare)."""
+    out: list[str] = []
+    for curve in curves:
+        for budget in budgets:
+            eligible = within_budget(curve, fractions, budget)
+            out += [m for m in (budget_cui_pick(curve, eligible)[0], budget_size_pick(curve, eligible)[0]) if m]
+    return list(dict.fromkeys(out))
+
+
+def partial_correlations(cuts: Sequence[CutMeasurement], *, permutations: int, seed: int) -> list[PartialCorrelation]:
+    """What CUI adds beyond size: partial Spearman of measured accuracy with log10 CUI given
+    −output bytes, and given −output bytes and depth (position in the network)."""
+    acc = [c.accuracy for c in cuts]
+    cui = [c.log10_cui for c in cuts]
+    controls = {"size": [-float(c.output_bytes) for c in cuts], "depth": [float(c.position) for c in cuts]}
+    out = []
+    for k, names in enumerate((["size"], ["size", "depth"])):
+        rho, p = partial_spearman(cui, acc, [controls[n] for n in names], permutations=permutations, seed=seed + 11 + k)
+        out.append(PartialCorrelation(controls=names, n=len(cuts), rho=rho, p=p))
+    return out
 
 
 def size_control(cuts: Sequence[CutMeasurement]) -> SizeControl:

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic.fields import FieldInfo
 
 from isplit import IsplitError
-from isplit.experiment.report import number, percent, signed, write_outputs, write_report
+from isplit.experiment.report import budget_outcome, number, percent, signed, write_outputs, write_report
 from isplit.experiment.schema import SweepConfig
 from isplit.experiment.sweep import run_sweep
 
@@ -31,8 +31,19 @@ def _csv_arg(text: str) -> list[str]:
     return [t for t in (s.strip() for s in text.split(",")) if t]
 
 
+def _budgets_arg(text: str) -> list[float]:
+    try:
+        values = [float(t) for t in _csv_arg(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"budgets must be fractions like '0.1,0.25,0.5', got {text!r}") from None
+    bad = [v for v in values if not 0 < v <= 1]
+    if not values or bad:
+        raise argparse.ArgumentTypeError(f"each budget is a fraction in (0, 1], got {text!r}")
+    return values
+
+
 OPTION_NAMES = {"time_budget_s": "--time-budget"}  # otherwise --field-name
-PARSERS: dict[str, Callable[[str], Any]] = {"cuts": _csv_arg, "subsets": _subsets_arg}
+PARSERS: dict[str, Callable[[str], Any]] = {"cuts": _csv_arg, "subsets": _subsets_arg, "budgets": _budgets_arg}
 EXCLUSIVE = ("cuts", "max_cuts")  # give one of them
 
 
@@ -90,6 +101,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(f"size: Spearman {signed(size.spearman)} (p {number(size.spearman_p)}), Kendall {signed(size.kendall)}")
     for pick in (result.picks.cui, result.picks.size, result.picks.oracle):
         print(f"{pick.method:>6} pick: {pick.module:<20} accuracy {percent(pick.accuracy)}")
+    for row in result.budget_picks:
+        if row.target == result.curve.target:
+            print(f"budget {row.budget:.0%}: {budget_outcome(row, result.test_images)}")
     if save is not None:
         print(f"wrote {save}")
     print("wrote " + ", ".join(str(p) for p in paths.values()))

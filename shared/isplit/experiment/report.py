@@ -6,10 +6,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 from isplit import IsplitError
 from isplit.experiment.claims import subset_accuracy
-from isplit.experiment.schema import SubsetResult, SweepResult
+from isplit.experiment.schema import BudgetPicks, Pick, SubsetResult, SweepResult
 
 UNTRAINED_GAP = 0.20  # median split accuracy this far below the unsplit model: the budget, not the cut, decided
 SIGNIFICANCE = 0.05  # one-sided permutation p below this counts as evidence of a positive association
@@ -37,6 +38,110 @@ def _std_error(accuracy: float, n: int) -> float:
     return math.sqrt(max(accuracy * (1 - accuracy), 1e-12) / max(n, 1))
 
 
+BudgetComparison = Literal["won", "tied", "lost", "same cut", "not measured"]
+
+
+def pick_noise(pick: Pick, n_test: int, seeds: int) -> float:
+    """Standard error of a pick's mean accuracy: the test set's binomial error and the spread
+    over ``seeds`` bottleneck trainings (standard error of their mean), combined."""
+    assert pick.accuracy is not None
+    seed_se = (pick.accuracy_sd or 0.0) / math.sqrt(max(seeds, 1))
+    return math.sqrt(_std_error(pick.accuracy, n_test) ** 2 + seed_se**2)
+
+
+def budget_comparison(row: BudgetPicks, n_test: int, seeds: int) -> BudgetComparison:
+    """I-SPLIT's pick against the size baseline's inside one budget: *same cut*; *won*/*lost* when
+    their measured accuracies differ by more than twice the combined standard error (test set
+    and seeds); *tied* within that noise; *not measured* when either lacks a measurement."""
+    cui, size = row.cui, row.size
+    if cui is None or size is None or cui.accuracy is None or size.accuracy is None:
+        return "not measured"
+    if cui.module == size.module:
+        return "same cut"
+    gap = cui.accuracy - size.accuracy
+    noise = math.hypot(pick_noise(cui, n_test, seeds), pick_noise(size, n_test, seeds))
+    if abs(gap) <= 2 * noise:
+        return "tied"
+    return "won" if gap > 0 else "lost"
+
+
+def _pm(pick: Pick | None) -> str:
+    if pick is None:
+        return "none"
+    sd = f" ± {100 * pick.accuracy_sd:.1f}" if pick.accuracy_sd is not None else ""
+    return f"`{pick.module}` {percent(pick.accuracy)}{sd}"
+
+
+def budget_outcome(row: BudgetPicks, n_test: int, seeds: int = 1) -> str:
+    """One line: the budgeted picks and how I-SPLIT's compares with the size baseline's."""
+    outcome = budget_comparison(row, n_test, seeds)
+    gap = ""
+    if outcome in ("won", "lost", "tied"):
+        assert row.cui and row.size and row.cui.accuracy is not None and row.size.accuracy is not None
+        gap = f" ({100 * (row.cui.accuracy - row.size.accuracy):+.1f} points)"
+    fallback = "" if row.cui_is_candidate else " (no local maximum fits: best CUI inside the budget)"
+    return (
+        f"head ≤ {row.budget:.0%} of the FLOPs: I-SPLIT {_pm(row.cui)}{fallback} vs size {_pm(row.size)} → "
+        f"I-SPLIT {outcome}{gap}; best measured inside the budget {_pm(row.oracle)}"
+    )
+
+
+def budget_verdict(result: SweepResult) -> list[str]:
+    """The headline: per head-FLOPs budget, did I-SPLIT's pick beat the size baseline's by more
+    than the noise, tie, or lose (on the sweep's own target; the other target's picks after)."""
+    rows = [r for r in result.budget_picks if r.target == result.curve.target]
+    if not rows:
+        return []
+    seeds = result.parameters.seeds
+    outcomes = [budget_comparison(r, result.test_images, seeds) for r in rows]
+    counts = ", ".join(f"{outcomes.count(o)} {o}" for o in ("won", "tied", "lost", "same cut", "not measured")
+                       if outcomes.count(o))  # fmt: skip
+    lines = [
+        f"**Under an edge budget** (head FLOPs ≤ {', '.join(f'{r.budget:.0%}' for r in rows)} of the network; "
+        f"{seeds} seed(s) per cut, noise = test-set and seed standard error): I-SPLIT against the size baseline — "
+        f"{counts}."
+    ]
+    lines += [budget_outcome(r, result.test_images, seeds) for r in rows]
+    other = [r for r in result.budget_picks if r.target != result.curve.target]
+    if other and result.other_curve is not None:
+        differ = [
+            f"{r.budget:.0%}: `{r.cui.module if r.cui else None}` vs `{o.cui.module if o.cui else None}`"
+            for r, o in zip(rows, other, strict=False)
+            if (r.cui and r.cui.module) != (o.cui and o.cui.module)
+        ]
+        best_differs = result.other_curve.best != result.curve.best
+        lines.append(
+            f"Targets: the `{result.other_curve.target}` curve (the authors' released code) "
+            + (
+                f"peaks at `{result.other_curve.best}` instead of `{result.curve.best}`"
+                if best_differs
+                else f"peaks at the same cut `{result.curve.best}`"
+            )  # fmt: skip
+            + (f"; budgeted picks differ at {'; '.join(differ)}." if differ else "; the budgeted picks are the same.")
+        )
+    return lines
+
+
+def partial_verdict(result: SweepResult) -> list[str]:
+    """What CUI carries beyond size (and depth): the partial rank correlations."""
+    lines = []
+    for pc in result.partial_correlations:
+        if pc.rho is None:
+            lines.append(f"Partial ρ given {' and '.join(pc.controls)}: undefined with n = {pc.n} cuts.")
+            continue
+        p = pc.p if pc.p is not None else 1.0
+        meaning = (
+            "CUI carries information about accuracy beyond"
+            if pc.rho > 0 and p < SIGNIFICANCE
+            else "no evidence that CUI adds to"
+        )
+        lines.append(
+            f"Partial Spearman of accuracy with log10 CUI given {' and '.join(pc.controls)}: ρ = {pc.rho:+.2f} "
+            f"(one-sided permutation p = {p:.3f}, n = {pc.n}): {meaning} {' and '.join(pc.controls)}."
+        )
+    return lines
+
+
 def verdict(result: SweepResult) -> list[str]:
     """Plain-language conclusions derived from the numbers alone, headline first.
 
@@ -58,7 +163,7 @@ def verdict(result: SweepResult) -> list[str]:
     noise_only = bool(accs) and spread < 2 * se_mean
     median = sorted(accs)[len(accs) // 2] if accs else 0.0
     untrained = bool(accs) and result.reference_accuracy - median > UNTRAINED_GAP
-    lines: list[str] = []
+    lines: list[str] = budget_verdict(result)
     if cui.spearman is None or cui.n < 4:
         lines.append(f"**Not judged**: only {cui.n} cuts were measured (or accuracy did not vary); no ranking claim.")
     else:
@@ -156,6 +261,7 @@ def verdict(result: SweepResult) -> list[str]:
         lines.append(
             f"CUI and size agree with each other at ρ = {control.agreement:+.2f} over these cuts{consequence}; {within}."
         )
+    lines += partial_verdict(result)
     if result.subsets:
         margin = result.parameters.min_margin
         decisive = [s for s in result.subsets if s.decisive]
@@ -218,11 +324,14 @@ def render_report(result: SweepResult, plot_name: str | None = None) -> str:
         "bottleneck is inserted and retrained, better than layer size does. The size baseline predicts that a "
         "smaller output is a better cut (predictor: −output bytes). p-values are one-sided permutation tests for a "
         f"positive association: at the {SIGNIFICANCE} level a Spearman ρ must exceed about 0.64 with n = 8 cuts and "
-        "about 0.38 with n = 20. One seed, one training budget: treat these as one measurement, not a distribution.",
+        "about 0.38 with n = 20. Each cut's bottleneck is trained with the sweep's seeds and the accuracy is their "
+        "mean; one training budget.",
         "",
     ]
     if plot_name:
         out += [f"![CUI, size and measured accuracy per cut]({plot_name})", ""]
+    if result.budget_picks:
+        out += _budget_table(result)
     out += ["## Rank correlation with measured accuracy (all classes)", ""]
     out += ["| predictor | n | Spearman ρ | p (one-sided) | Kendall τ | p (one-sided) |", "|---|---|---|---|---|---|"]
     for key, label in (("cui", "log10 CUI (I-SPLIT)"), ("size", "−output bytes (size)")):
@@ -264,7 +373,7 @@ def render_report(result: SweepResult, plot_name: str | None = None) -> str:
         )
         out.append(
             f"| {c.position} | `{c.module}`{marks} | {c.kind} | {'×'.join(map(str, c.output_shape))} | {c.output_bytes} | "
-            f"{'×'.join(map(str, c.code_shape))} | {c.log10_cui:.3f} | {percent(c.accuracy)} |{subset_cells} "
+            f"{'×'.join(map(str, c.code_shape))} | {c.log10_cui:.3f} | {percent(c.accuracy)}{_sd(c.accuracy_sd)} |{subset_cells} "
             f"{c.training_seconds:.1f} |"
         )
     out += ["", "★ I-SPLIT's pick, ▼ the size baseline's pick, ✓ the best measured cut.", ""]
@@ -348,6 +457,52 @@ def render_report(result: SweepResult, plot_name: str | None = None) -> str:
     out += [f"* {note}." for note in result.notes]
     out += ["", "Command:", "", "```", result.command, "```", ""]
     return "\n".join(out)
+
+
+def _sd(sd: float | None) -> str:
+    return f" ± {100 * sd:.1f}" if sd is not None else ""
+
+
+def _budget_table(result: SweepResult) -> list[str]:
+    """The headline table: per target and head-FLOPs budget, each method's pick and accuracy."""
+    seeds, n = result.parameters.seeds, result.test_images
+    out = [
+        "## Under an edge budget (headline)",
+        "",
+        f"Accuracy = mean over {seeds} bottleneck seed(s) ± their standard deviation; ± SE = the standard error used to "
+        f"judge a gap (test set of {n} images and seeds); a gap beyond 2 SE counts.",
+        "",
+        "| target | head FLOPs ≤ | I-SPLIT pick | acc. | size pick | acc. | best measured | acc. | I-SPLIT vs size |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def cell(pick: Pick | None) -> str:
+        if pick is None:
+            return "none | n/a"
+        sd = f" ± {100 * pick.accuracy_sd:.1f}" if pick.accuracy_sd is not None else ""
+        se = f" (SE {100 * pick_noise(pick, n, seeds):.1f})" if pick.accuracy is not None else ""
+        return f"`{pick.module}` | {percent(pick.accuracy)}{sd}{se}"
+
+    for row in result.budget_picks:
+        mark = "" if row.cui_is_candidate else " †"
+        out.append(
+            f"| {row.target} | {row.budget:.0%} | {cell(row.cui)}{mark} | {cell(row.size)} | {cell(row.oracle)} | "
+            f"{budget_comparison(row, n, seeds)} |"
+        )
+    out += ["", "† no local maximum of the curve fits the budget: the cut with the highest CUI inside it.", ""]
+    if result.partial_correlations:
+        out += [
+            "## What CUI adds beyond size",
+            "",
+            "| controls | n | partial Spearman ρ | p (one-sided) |",
+            "|---|---|---|---|",
+        ]
+        out += [
+            f"| {' + '.join(pc.controls)} | {pc.n} | {signed(pc.rho)} | {number(pc.p)} |"
+            for pc in result.partial_correlations
+        ]
+        out.append("")
+    return out
 
 
 def output_paths(out: Path, prefix: str = "") -> dict[str, Path]:

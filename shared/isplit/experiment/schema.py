@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from isplit.checkpoint import ModelInfo
 from isplit.data import DATASETS_HELP
@@ -23,13 +23,18 @@ class SweepConfig(BaseModel):
     arch: str = Field(description="e.g. vgg16, vgg16_bn, resnet50 (see `isplit zoo list`)")
     width: float | None = Field(None, description="VGG channel multiplier (default: 1.0, or the checkpoint's)")
     dataset: str = Field(description=DATASETS_HELP)
-    input_size: int | None = Field(None, description="pixels, square (default: 32, or the checkpoint's)")
+    input_size: int | None = Field(
+        None, description="pixels, square (default: 64 as the authors used it, or the checkpoint's)"
+    )
     weights: str | None = Field(None, description="an existing checkpoint (`isplit zoo train`) instead of training one")
     epochs_model: int = Field(2, description="reference model training epochs")
     lr_model: float = Field(2e-3, description="reference model learning rate")
     batch_size_model: int = Field(128, description="reference model batch size")
     max_train_images: int | None = Field(None, description="images to train the model on (default: all)")
     epochs_bottleneck: int = Field(1, description="the same at every cut")
+    seeds: int = Field(
+        3, description="bottleneck trainings per measured cut (seeds seed, seed+1, ...); picks use the mean"
+    )
     # Short budgets: 1e-3 leaves early-cut bottlenecks untrained.
     lr_bottleneck: float = Field(5e-3, description="peak of the one-cycle schedule")
     batch_size_bottleneck: int = Field(64, description="bottleneck batch size")
@@ -38,7 +43,12 @@ class SweepConfig(BaseModel):
     max_test_images: int | None = Field(2000, description="test images measured at each cut")
     analysis_images: int = Field(1000, description="images the importance engine analyses")
     analysis_split: Literal["train", "test"] = Field("test", description="the split the engine analyses")
-    target: Target = Field("label", description="the class whose score is backpropagated")
+    target: Target = Field(
+        "label", description="the class whose score is backpropagated (the other target's curve is reported beside)"
+    )
+    budgets: list[float] = Field(
+        [0.10, 0.25, 0.50], description="head-FLOPs budgets as fractions of the network, e.g. '0.1,0.25,0.5'"
+    )
     cuts: list[str] | None = Field(None, description="comma-separated cut modules to measure")
     max_cuts: int | None = Field(None, description="measure N cuts evenly spanning the non-skipped ones")
     subsets: list[list[int | str]] | None = Field(
@@ -64,6 +74,11 @@ class SweepConfig(BaseModel):
             batch_size=self.batch_size_bottleneck,
             seed=self.seed,
         )
+
+    def bottleneck_seeds(self) -> list[BottleneckSpec]:
+        """One bottleneck budget per seed (``seed``, ``seed + 1``, ...), otherwise identical."""
+        base = self.bottleneck()
+        return [base.model_copy(update={"seed": self.seed + i}) for i in range(self.seeds)]
 
 
 class Machine(BaseModel):
@@ -105,6 +120,33 @@ class Pick(BaseModel):
     output_bytes: int
     tied: list[str] = Field(default_factory=list)
     tie_mean_accuracy: float | None = None
+    accuracy_sd: float | None = None  # spread over the bottleneck seeds (sample standard deviation)
+    head_flops_fraction: float | None = None
+
+
+class BudgetPicks(BaseModel):
+    """The picks of each method among the cuts whose head costs at most ``budget`` of the
+    network's FLOPs, on the curve of ``target``: I-SPLIT's is the local maximum of the curve with the
+    highest CUI inside the budget (as the planner recommends; when no local maximum fits, the cut with
+    the highest CUI inside it), the size baseline's the smallest output inside it, the oracle's the best
+    measured cut inside it. None where no cut qualifies (oracle: none measured inside the budget)."""
+
+    budget: float
+    target: Target
+    cui_is_candidate: bool = True  # False: no local maximum fits, the pick is the best CUI inside the budget
+    cui: Pick | None
+    size: Pick | None
+    oracle: Pick | None
+
+
+class PartialCorrelation(BaseModel):
+    """Partial Spearman of measured accuracy with log10 CUI given ``controls`` (``"size"`` =
+    −output bytes, ``"depth"`` = position in the network), one-sided permutation p."""
+
+    controls: list[str]
+    n: int
+    rho: float | None
+    p: float | None
 
 
 class CutMeasurement(BaseModel):
@@ -117,10 +159,13 @@ class CutMeasurement(BaseModel):
     output_bytes: int  # per image, fp32, before the bottleneck
     code_shape: list[int]  # per image, after the encoder
     log10_cui: float
-    accuracy: float
-    per_class_accuracy: list[float | None]  # None for a class absent from the test set
-    training_seconds: float
+    accuracy: float  # mean over the seeds
+    per_class_accuracy: list[float | None]  # None for a class absent from the test set; mean over the seeds
+    training_seconds: float  # all seeds together
     added_for_picks: bool = False  # not in the requested cuts; measured because a method picks it
+    accuracies: list[float] = Field(default_factory=list)  # one per seed
+    accuracy_sd: float | None = None  # sample standard deviation over the seeds
+    head_flops_fraction: float | None = None
 
 
 class SubsetCutMeasurement(BaseModel):
@@ -129,10 +174,12 @@ class SubsetCutMeasurement(BaseModel):
     module: str
     output_bytes: int
     log10_cui: float  # on the subset's curve
-    accuracy: float
+    accuracy: float  # mean over the seeds
     accuracy_all_class_bottleneck: float | None  # the all-class bottleneck on the same images
     training_images: int
     training_seconds: float
+    accuracies: list[float] = Field(default_factory=list)  # one per seed
+    accuracy_sd: float | None = None
 
 
 class SubsetResult(BaseModel):
@@ -196,8 +243,20 @@ class SweepResult(BaseModel):
     correlations: dict[str, Correlation]  # "cui", "size"
     size_control: SizeControl
     picks: Picks
+    budget_picks: list[BudgetPicks] = Field(default_factory=list)  # per budget, for both targets
+    partial_correlations: list[PartialCorrelation] = Field(default_factory=list)
+    other_curve: ImportanceCurve | None = None  # the curve of the other target ("predicted" or "label")
+    head_flops_fraction: dict[str, float] = Field(default_factory=dict)  # per cut module
     subsets: list[SubsetResult]
     skipped_for_budget: list[str]
     notes: list[str]
 
     model_config = {"populate_by_name": True}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_seed_before_seeds(cls, data: object) -> object:
+        """Results written before sweeps had seeds trained one bottleneck per cut."""
+        if isinstance(data, dict) and isinstance(data.get("parameters"), dict) and "seeds" not in data["parameters"]:
+            data = {**data, "parameters": {**data["parameters"], "seeds": 1}}
+        return data

@@ -24,9 +24,12 @@ from isplit.cuts import find_cut_points
 from isplit.data import ImageSet, load_dataset, resolve_classes
 from isplit.experiment.claims import (
     best_margin,
+    budget_modules,
+    budget_picks,
     choose_cuts,
     correlate,
     evaluate_claim,
+    partial_correlations,
     size_control,
     size_pick,
     spanning_order,
@@ -41,12 +44,16 @@ from isplit.experiment.schema import (
     SweepConfig,
     SweepResult,
 )
+from isplit.exported import with_dataset_names
 from isplit.importance import (
     ImportanceCurve,
+    ImportanceStats,
+    Target,
     accumulate_importance,
     curve_from_stats,
 )
-from isplit.retrain import retrain_split
+from isplit.plan.costs import cut_costs
+from isplit.retrain import RetrainOutcome, retrain_split
 from isplit.training import evaluate, pick_device, seed_everything, train_reference_model
 from isplit.zoo import build_model
 
@@ -123,8 +130,7 @@ def _load_reference(cfg: SweepConfig, train: ImageSet) -> tuple[nn.Module, Model
     for name, given, saved in (("width", cfg.width, info.width), ("input-size", cfg.input_size, info.input_size)):
         if given is not None and given != saved:
             raise IsplitError(f"--{name} {given} contradicts the checkpoint {cfg.weights}, which has {saved}")
-    if not info.class_names:  # a torch.export program without names takes the dataset's
-        info = info.model_copy(update={"class_names": list(train.class_names)})
+    info = with_dataset_names(info, train.class_names)
     return model, info
 
 
@@ -183,6 +189,11 @@ def _check_config(cfg: SweepConfig) -> None:
         value = getattr(cfg, name)
         if value is not None and value < 1:
             raise IsplitError(f"{name.replace('_', '-')} must be >= 1, got {value}")
+    if cfg.seeds < 1:
+        raise IsplitError(f"seeds must be >= 1, got {cfg.seeds}")
+    bad = [b for b in cfg.budgets if not 0 < b <= 1]
+    if bad:
+        raise IsplitError(f"each budget is a fraction of the network's FLOPs in (0, 1], got {bad[0]}")
     if cfg.time_budget_s is not None and cfg.time_budget_s <= 0:
         raise IsplitError(f"time-budget must be > 0 seconds, got {cfg.time_budget_s}")
 
@@ -204,7 +215,7 @@ def run_sweep(
     """
     _check_config(cfg)
     if not cfg.weights:
-        cfg = cfg.model_copy(update={"width": cfg.width or 1.0, "input_size": cfg.input_size or 32})
+        cfg = cfg.model_copy(update={"width": cfg.width or 1.0, "input_size": cfg.input_size or 64})
     started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     t0 = time.perf_counter()
     phases: dict[str, float] = {}
@@ -241,15 +252,20 @@ def run_sweep(
     phase = time.perf_counter()
     source = full_train if cfg.analysis_split == "train" else full_test
     analysed = source.subset(None, cfg.analysis_images)
-    stats = accumulate_importance(
-        model,
-        analysed.batches(64, input_size=info.input_size, mean=info.mean, std=info.std),
-        target=cfg.target,
-        device=device,
-        progress=progress,
-        total=len(analysed),
-    )
+
+    def importance(target: Target) -> ImportanceStats:
+        return accumulate_importance(
+            model,
+            analysed.batches(64, input_size=info.input_size, mean=info.mean, std=info.std),
+            target=target,
+            device=device,
+            progress=progress,
+            total=len(analysed),
+        )
+
+    stats = importance(cfg.target)
     curve = curve_from_stats(stats)
+    other_curve = curve_from_stats(importance("predicted" if cfg.target == "label" else "label"))
     if subsets_given is not None:
         subset_curves = [(s, curve_from_stats(stats, s)) for s in subsets_given]
     else:
@@ -258,9 +274,12 @@ def run_sweep(
 
     active = [p for p in curve.points if not p.skipped]
     position = {p.module: i for i, p in enumerate(active)}
+    costs = cut_costs(model, (info.in_channels, info.input_size, info.input_size), curve.points)
+    fractions = {c.module: c.head_flops_fraction for c in costs.cuts}
     requested = choose_cuts([p.module for p in active], cfg.cuts, cfg.max_cuts)
     size_module, _ = size_pick(curve)
-    forced = [m for m in dict.fromkeys([curve.best, size_module]) if m not in requested]
+    picked = [curve.best, size_module, *budget_modules([curve, other_curve], fractions, cfg.budgets)]
+    forced = [m for m in dict.fromkeys(picked) if m not in requested]
     ordered = forced + [requested[i] for i in spanning_order(len(requested))]
 
     budget = _Budget(t0, cfg.time_budget_s)
@@ -275,7 +294,7 @@ def run_sweep(
             continue
         bar.set_postfix(cut=module)
         job = time.perf_counter()
-        cuts.append(_measure_cut(bench, module, fit, position[module], forced=module in forced))
+        cuts.append(_measure_cut(bench, module, fit, position[module], fractions[module], forced=module in forced))
         budget.record(time.perf_counter() - job)
         tqdm.write(f"  {module:<24} log10 CUI {cuts[-1].log10_cui:8.3f}  accuracy {cuts[-1].accuracy:.4f}")
     bar.close()
@@ -301,6 +320,8 @@ def run_sweep(
     phases["retrain_subsets"] = time.perf_counter() - phase
 
     correlations, picks = evaluate_claim(curve, cuts, permutations=cfg.permutations, seed=cfg.seed)
+    for pick in (picks.cui, picks.size, picks.oracle):
+        pick.head_flops_fraction = fractions[pick.module]
     if skipped:
         notes.append(f"time budget of {cfg.time_budget_s} s reached: {len(skipped)} retraining job(s) skipped")
     return SweepResult(
@@ -323,6 +344,10 @@ def run_sweep(
         correlations=correlations,
         size_control=size_control(cuts),
         picks=picks,
+        budget_picks=budget_picks([curve, other_curve], cuts, fractions, cfg.budgets),
+        partial_correlations=partial_correlations(cuts, permutations=cfg.permutations, seed=cfg.seed),
+        other_curve=other_curve,
+        head_flops_fraction={k: round(v, 6) for k, v in fractions.items()},
         subsets=subsets,
         skipped_for_budget=skipped,
         notes=notes,
@@ -351,10 +376,32 @@ class SweepBench:
     skipped: list[str]
 
 
-def _measure_cut(bench: SweepBench, module: str, fit: ImageSet, position: int, *, forced: bool) -> CutMeasurement:
-    model, info, test, device, curve = bench.model, bench.info, bench.test, bench.device, bench.curve
-    outcome = retrain_split(model, info, module, fit, test, bench.cfg.bottleneck(), device=device)
-    split = nn.Sequential(outcome.pair.head, outcome.pair.tail).eval()
+def mean_sd(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None for a single value)."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+
+
+def _retrain_seeds(bench: SweepBench, module: str, fit: ImageSet, test: ImageSet, classes: list[int] | None = None):
+    """The bottleneck at ``module`` trained once per seed of the sweep: the outcomes, in seed order."""
+    return [
+        retrain_split(bench.model, bench.info, module, fit, test, spec, classes=classes, device=bench.device)
+        for spec in bench.cfg.bottleneck_seeds()
+    ]
+
+
+def _measure_cut(
+    bench: SweepBench, module: str, fit: ImageSet, position: int, head_fraction: float, *, forced: bool
+) -> CutMeasurement:
+    info, test, device, curve = bench.info, bench.test, bench.device, bench.curve
+    outcomes: list[RetrainOutcome] = _retrain_seeds(bench, module, fit, test)
+    per_class = [
+        per_class_accuracy(nn.Sequential(o.pair.head, o.pair.tail).eval(), test, info, device) for o in outcomes
+    ]
+    accuracies = [o.accuracy_split for o in outcomes]
+    mean, sd = mean_sd(accuracies)
     point = curve.point(module)
     return CutMeasurement(
         module=module,
@@ -362,12 +409,18 @@ def _measure_cut(bench: SweepBench, module: str, fit: ImageSet, position: int, *
         position=position,
         output_shape=point.output_shape,
         output_bytes=point.output_bytes,
-        code_shape=outcome.pair.code_shape,
+        code_shape=outcomes[0].pair.code_shape,
         log10_cui=point.log10_cui,
-        accuracy=outcome.accuracy_split,
-        per_class_accuracy=per_class_accuracy(split, test, info, device),
-        training_seconds=outcome.training_seconds,
+        accuracy=mean,
+        per_class_accuracy=[
+            None if any(v is None for v in vals) else sum(vals) / len(vals)  # type: ignore[misc, arg-type]
+            for vals in zip(*per_class, strict=True)
+        ],
+        training_seconds=sum(o.training_seconds for o in outcomes),
         added_for_picks=forced,
+        accuracies=accuracies,
+        accuracy_sd=sd,
+        head_flops_fraction=head_fraction,
     )
 
 
@@ -385,7 +438,7 @@ def _measure_subset(
 ) -> SubsetResult:
     """Bottlenecks trained on a class subset's images (``fit_size`` of ``pool``, as many as an
     all-class bottleneck gets) at a few cuts of the subset's curve, measured on its images."""
-    model, info, cfg, device, curve, test = bench.model, bench.info, bench.cfg, bench.device, bench.curve, bench.test
+    info, cfg, curve, test = bench.info, bench.cfg, bench.curve, bench.test
     budget, skipped = bench.budget, bench.skipped
     from_all = {c.module: subset_accuracy(c.per_class_accuracy, test_counts, classes) for c in all_cuts}
     measured_all = [c for c in all_cuts if from_all[c.module] is not None]
@@ -407,26 +460,21 @@ def _measure_subset(
             skipped.append(f"{module} (classes {label})")
             continue
         job = time.perf_counter()
-        outcome = retrain_split(
-            model,
-            info,
-            module,
-            fit_subset,
-            test_subset,
-            cfg.bottleneck(),
-            classes=classes,
-            device=device,
-        )
+        outcomes = _retrain_seeds(bench, module, fit_subset, test_subset, classes)
         budget.record((time.perf_counter() - job) / max(share, 1e-9))
+        accuracies = [o.accuracy_split_subset if o.accuracy_split_subset is not None else 0.0 for o in outcomes]
+        mean, sd = mean_sd(accuracies)
         measurements.append(
             SubsetCutMeasurement(
                 module=module,
                 output_bytes=sub_curve.point(module).output_bytes,
                 log10_cui=sub_curve.point(module).log10_cui,
-                accuracy=outcome.accuracy_split_subset if outcome.accuracy_split_subset is not None else 0.0,
+                accuracy=mean,
                 accuracy_all_class_bottleneck=from_all.get(module),
                 training_images=len(fit_subset),
-                training_seconds=outcome.training_seconds,
+                training_seconds=sum(o.training_seconds for o in outcomes),
+                accuracies=accuracies,
+                accuracy_sd=sd,
             )
         )
         tqdm.write(f"  [{label}] {module:<20} log10 CUI {sub_curve.point(module).log10_cui:8.3f}  accuracy "

@@ -9,22 +9,25 @@ from fastapi.responses import FileResponse, JSONResponse
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from isplit.auth import Principal
 from isplit.data import DatasetRef, resolve_classes
+from isplit.exported import NAMES_GIVEN
 from isplit.plan import ENCODINGS, Plan, parse_deployment_spec
 from isplit_analyzer import metrics
+from isplit_analyzer.api.auth import AUTH_RESPONSES, Reader, Submitter, visible
 from isplit_analyzer.api.deps import RunnerDep, SessionDep, SettingsDep
 from isplit_analyzer.jobs import new_job_id, report_dir
 from isplit_analyzer.schemas import Accepted, AcceptedAnalysis, AnalysisPage, AnalysisRequest, AnalysisView
 from isplit_analyzer.store import CANCELLED, FINAL, QUEUED, RUNNING, Job, ModelRecord, candidate_rows
 from isplit_analyzer.views import HEAD_FILES, analysis_plan, analysis_view, head_artifact_path
 
-router = APIRouter(prefix="/v1/analyses", tags=["analyses"])
-NOT_FOUND = {404: {"description": "no such analysis"}}
+router = APIRouter(prefix="/v1/analyses", tags=["analyses"], responses=AUTH_RESPONSES)
+NOT_FOUND = {404: {"description": "no such analysis (or another principal's)"}}
 
 
-def _job_or_404(session: Session, analysis_id: str) -> Job:
+def _job_or_404(session: Session, analysis_id: str, principal: Principal) -> Job:
     job = session.get(Job, analysis_id)
-    if job is None:
+    if job is None or not visible(job.owner, principal):
         raise HTTPException(404, f"analysis {analysis_id!r} not found")
     return job
 
@@ -46,15 +49,18 @@ def accept(req: AnalysisRequest, model: ModelRecord | None, data_root: Path) -> 
         **{
             **req.model_dump(),
             "dataset": dataset.spec,
-            "classes": resolve_classes(req.classes, model.info["class_names"] or known or _numbered(model.info)),
+            "classes": resolve_classes(req.classes, _class_names(model.info, known)),
             "weights_sha256": model.sha256,
         }
     )
 
 
-def _numbered(info: dict) -> list[str]:
-    """Class names of a model uploaded without names, on an image folder: its indices."""
-    return [str(i) for i in range(info["num_classes"])]
+def _class_names(info: dict, known: list[str] | None) -> list[str]:
+    """The names a class subset is given in: the model's, or for a torch.export program
+    uploaded without names the built-in dataset's (its classes are only numbered)."""
+    if info.get("extra", {}).get(NAMES_GIVEN) is False and known is not None:
+        return known
+    return info["class_names"]
 
 
 @router.post(
@@ -63,11 +69,18 @@ def _numbered(info: dict) -> list[str]:
     response_model=Accepted,
     responses={422: {"description": "bad model, dataset, class list or options"}},
 )
-def submit_analysis(req: AnalysisRequest, settings: SettingsDep, session: SessionDep) -> JSONResponse:
-    """Queue an analysis; poll the returned status URL."""
-    accepted = accept(req, session.get(ModelRecord, req.model_id), settings.data_root)
+def submit_analysis(
+    req: AnalysisRequest, settings: SettingsDep, session: SessionDep, principal: Submitter
+) -> JSONResponse:
+    """Queue an analysis of one of the principal's models; poll the returned status URL."""
+    model = session.get(ModelRecord, req.model_id)
+    accepted = accept(req, model if model and visible(model.owner, principal) else None, settings.data_root)
     job = Job(
-        id=new_job_id(), status=QUEUED, request=accepted.model_dump(mode="json"), images_total=req.options.max_images
+        id=new_job_id(),
+        status=QUEUED,
+        request=accepted.model_dump(mode="json"),
+        images_total=req.options.max_images,
+        owner=principal.name,
     )
     session.add(job)
     session.commit()
@@ -78,9 +91,9 @@ def submit_analysis(req: AnalysisRequest, settings: SettingsDep, session: Sessio
 
 
 @router.get("/{analysis_id}", response_model=AnalysisView, responses=NOT_FOUND)
-def get_analysis(analysis_id: str, settings: SettingsDep, session: SessionDep) -> AnalysisView:
+def get_analysis(analysis_id: str, settings: SettingsDep, session: SessionDep, principal: Reader) -> AnalysisView:
     """Status, progress, result, candidates and their measurements."""
-    job = _job_or_404(session, analysis_id)
+    job = _job_or_404(session, analysis_id, principal)
     return analysis_view(job, candidate_rows(session, analysis_id), settings.artifact_root, full=True)
 
 
@@ -88,13 +101,16 @@ def get_analysis(analysis_id: str, settings: SettingsDep, session: SessionDep) -
 def list_analyses(
     settings: SettingsDep,
     session: SessionDep,
+    principal: Reader,
     limit: int = Query(20, ge=1, le=200),
     offset: int = Query(0, ge=0, le=1_000_000),
     status: str | None = Query(None, pattern="^(queued|running|analysed|succeeded|failed|cancelled)$"),
 ) -> AnalysisPage:
-    """Newest first, paginated."""
+    """The principal's analyses (an admin's: everyone's), newest first, paginated."""
     q = select(Job)
     count = select(func.count()).select_from(Job)
+    if not principal.is_admin:
+        q, count = q.where(Job.owner == principal.name), count.where(Job.owner == principal.name)
     if status:
         q, count = q.where(Job.status == status), count.where(Job.status == status)
     jobs = session.scalars(q.order_by(Job.created_at.desc()).limit(limit).offset(offset)).all()
@@ -107,9 +123,9 @@ def list_analyses(
     response_class=FileResponse,
     responses={200: {"content": {"image/png": {}}}, **NOT_FOUND, 409: {"description": "not analysed yet"}},
 )
-def get_plot(analysis_id: str, settings: SettingsDep, session: SessionDep) -> FileResponse:
+def get_plot(analysis_id: str, settings: SettingsDep, session: SessionDep, principal: Reader) -> FileResponse:
     """The CUI curve beside the size curve, candidates marked."""
-    job = _job_or_404(session, analysis_id)
+    job = _job_or_404(session, analysis_id, principal)
     path = report_dir(settings.artifact_root, job.id) / "curve.png"
     if not path.exists():
         raise HTTPException(409, f"analysis {analysis_id!r} has no plot yet (status {job.status})")
@@ -129,6 +145,7 @@ def get_plan(
     analysis_id: str,
     settings: SettingsDep,
     session: SessionDep,
+    principal: Reader,
     device: str | None = Query(None, description="device preset (rpi4, mcu, phone)"),
     device_gflops: float | None = Query(None, description="effective GFLOP/s of the edge device"),
     link: str | None = Query(None, description="link preset (lte, wifi, lora, loopback)"),
@@ -146,7 +163,7 @@ def get_plan(
     """Which cut a deployment can use, recomputed from the stored results (measured accuracies
     included as they arrive). The parameters are those of `isplit plan` and override the
     deployment the analysis was submitted with; presets are assumptions, not measurements."""
-    job = _job_or_404(session, analysis_id)
+    job = _job_or_404(session, analysis_id, principal)
     given = {k: v for k, v in locals().items() if k in PLAN_QUERY and v is not None}
     plan = analysis_plan(
         job, candidate_rows(session, analysis_id), settings.artifact_root, parse_deployment_spec(given, "query")
@@ -188,9 +205,11 @@ def get_head_artifact(analysis_id: str, candidate_id: str, fmt: str, settings: S
     response_model=AnalysisView,
     responses={**NOT_FOUND, 409: {"description": "already finished, or publishing"}},
 )
-def cancel_analysis(analysis_id: str, settings: SettingsDep, session: SessionDep, runner: RunnerDep) -> AnalysisView:
+def cancel_analysis(
+    analysis_id: str, settings: SettingsDep, session: SessionDep, runner: RunnerDep, principal: Submitter
+) -> AnalysisView:
     """Cancel a queued or running analysis (409 once it has finished)."""
-    job = _job_or_404(session, analysis_id)
+    job = _job_or_404(session, analysis_id, principal)
     if job.status in FINAL:
         raise HTTPException(409, f"analysis {analysis_id!r} already {job.status}")
     if job.status not in (QUEUED, RUNNING):
