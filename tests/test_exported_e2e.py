@@ -28,7 +28,7 @@ from tests.test_exported import TinyNet, Tokens, export
 def _wait_measured(api: str, job: str, stack, timeout_s: float = 900) -> dict:
     deadline = time.monotonic() + timeout_s
     while True:
-        view = requests.get(f"{api}/v1/analyses/{job}", timeout=10).json()
+        view = requests.get(f"{api}/v1/analyses/{job}", headers=stack.headers(), timeout=10).json()
         if view["status"] == "failed" or (view["candidates"] and all(c["measured"] for c in view["candidates"])):
             return view
         assert time.monotonic() < deadline, "flow timed out:\n" + stack.processes[1].log()[-3000:]
@@ -43,16 +43,17 @@ def test_an_uploaded_program_is_analysed_trained_served_and_called_from_both_run
 ) -> None:
     torch.manual_seed(0)
     program = export(TinyNet(), tmp_path / "tiny.pt2")
-    api = live_stack.analyzer_url
+    api, auth = live_stack.analyzer_url, live_stack.headers()
     names = ",".join(f"digit-{i}" for i in range(10))
     with open(program, "rb") as fh:
-        r = requests.post(api + "/v1/models", files={"file": ("tiny.pt2", fh)}, data={"class_names": names}, timeout=60)
+        files = {"file": ("tiny.pt2", fh)}
+        r = requests.post(api + "/v1/models", files=files, data={"class_names": names}, headers=auth, timeout=60)
     assert r.status_code == 201, r.text
     model = r.json()
     assert (model["arch"], model["input_size"], model["num_classes"]) == ("exported", 32, 10)
     body = {"model_id": model["model_id"], "dataset": "digits",
             "options": {"max_images": 100, "top_k": 1, "epochs": 1, "max_train_images": 200}}  # fmt: skip
-    job = requests.post(api + "/v1/analyses", json=body, timeout=30).json()["id"]
+    job = requests.post(api + "/v1/analyses", json=body, headers=auth, timeout=30).json()["id"]
     view = _wait_measured(api, job, live_stack)
     assert view["status"] == "succeeded", view["error"]
     cand = view["candidates"][0]
@@ -64,19 +65,21 @@ def test_an_uploaded_program_is_analysed_trained_served_and_called_from_both_run
     listed = {a["format"]: a for a in cand["head_artifacts"]}
     assert {"torchscript", "onnx", "program"} <= set(listed) and listed["onnx"]["opset"] == 18
     folder = live_stack.artifact_root / Path(measured["head_uri"]).parent
-    onnx_bytes = requests.get(api + listed["onnx"]["url"], timeout=30)
+    onnx_bytes = requests.get(api + listed["onnx"]["url"], headers=auth, timeout=30)
     assert onnx_bytes.status_code == 200 and onnx_bytes.content == (folder / "head.onnx").read_bytes()
     assert len(onnx_bytes.content) == listed["onnx"]["bytes"]
     base = f"{api}/v1/analyses/{job}/candidates"
-    assert requests.get(f"{base}/{cand['candidate_id']}/head/pickle", timeout=10).status_code == 404
-    assert requests.get(f"{base}/nope/head/onnx", timeout=10).status_code == 404
+    assert requests.get(f"{base}/{cand['candidate_id']}/head/pickle", headers=auth, timeout=10).status_code == 404
+    assert requests.get(f"{base}/nope/head/onnx", headers=auth, timeout=10).status_code == 404
 
     # The edge: real images, each runtime's head, the tail in TorchServe; equal to head+tail here.
     (tmp_path / "pngs").mkdir()
     _, paths = digits_test_pngs(tmp_path / "pngs", 12)
     tail = torch.jit.load(str(folder / "tail.pt"))
+    key = live_stack.torchserve.keys().inference
     for runtime in ("torch", "onnxruntime"):
-        with EdgeClient(folder / "head.pt", measured["inference_url"], encoding="fp32", runtime=runtime) as client:
+        url = measured["inference_url"]
+        with EdgeClient(folder / "head.pt", url, encoding="fp32", runtime=runtime, inference_key=key) as client:
             pred = client.predict_files(paths, top_k=1)
             x = client.preprocess(paths)
             with torch.inference_mode():
@@ -90,7 +93,8 @@ def test_an_uploaded_program_is_analysed_trained_served_and_called_from_both_run
 def test_a_bad_program_upload_answers_422_naming_the_problem(live_stack, tmp_path: Path) -> None:
     bad = export(Tokens(), tmp_path / "tokens.pt2")
     with open(bad, "rb") as fh:
-        r = requests.post(live_stack.analyzer_url + "/v1/models", files={"file": ("tokens.pt2", fh)}, timeout=60)
+        files = {"file": ("tokens.pt2", fh)}
+        r = requests.post(live_stack.analyzer_url + "/v1/models", files=files, headers=live_stack.headers(), timeout=60)
     assert r.status_code == 422
     assert "isplit needs classification logits" in r.text and "tokens.pt2" in r.text
 
