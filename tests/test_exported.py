@@ -64,7 +64,8 @@ def test_a_program_loads_with_its_shapes_names_and_outputs(tiny) -> None:
     original, path = tiny
     model, info = load_model(path)
     assert (info.arch, info.in_channels, info.input_size, info.num_classes) == ("exported", 1, 32, 10)
-    assert info.class_names == [] and info.mean == [0.0] and info.std == [1.0]
+    assert info.class_names == [str(i) for i in range(10)] and info.mean == [0.0] and info.std == [1.0]
+    assert info.extra["class_names_given"] is False  # numbered until a dataset names them
     assert {n for n, _ in model.named_parameters()} == {n for n, _ in original.named_parameters()}
     x = torch.randn(5, 1, 32, 32)  # a batch size the program was not exported with
     with torch.no_grad():

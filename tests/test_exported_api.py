@@ -86,4 +86,4 @@ def test_models_are_rebuilt_for_any_batch_after_upload(api, tmp_path: Path) -> N
     r = _upload(api, export(TinyNet(), tmp_path / "tiny.pt2"))
     stored = model_path(api.state.settings.artifact_root, r.json()["model_id"])  # type: ignore[attr-defined]
     model, info = load_model(stored)
-    assert model(torch.zeros(4, 1, 32, 32)).shape == (4, 10) and info.class_names == []
+    assert model(torch.zeros(4, 1, 32, 32)).shape == (4, 10) and info.extra["class_names_given"] is False

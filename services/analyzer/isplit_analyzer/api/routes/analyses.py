@@ -184,11 +184,13 @@ PLAN_QUERY = (
     response_class=FileResponse,
     responses={200: {"content": {"application/octet-stream": {}}}, 404: {"description": "no such head artifact"}},
 )
-def get_head_artifact(analysis_id: str, candidate_id: str, fmt: str, settings: SettingsDep, session: SessionDep):
+def get_head_artifact(
+    analysis_id: str, candidate_id: str, fmt: str, settings: SettingsDep, session: SessionDep, principal: Reader
+) -> FileResponse:
     """A trained candidate's head file: ``torchscript`` (head.pt), ``onnx`` (head.onnx),
     ``executorch`` (head.pte) or ``program`` (head.pt2), as listed in the candidate's
     ``head_artifacts``."""
-    _job_or_404(session, analysis_id)
+    _job_or_404(session, analysis_id, principal)
     row = next((r for r in candidate_rows(session, analysis_id) if r.candidate_id == candidate_id), None)
     if row is None:
         raise HTTPException(404, f"analysis {analysis_id!r} has no candidate {candidate_id!r}")
