@@ -148,6 +148,6 @@ def test_edge_predict_cli_runs_the_onnx_head_with_the_timing_breakdown(candidate
     finally:
         server.shutdown()
     assert done.returncode == 0, done.stderr
-    assert "(onnxruntime) | encode" in done.stdout and "network+tail" in done.stdout
+    assert "head run with onnxruntime" in done.stdout and "| encode" in done.stdout and "network+tail" in done.stdout
     meta = json.loads((candidate / "head.json").read_text())
     assert shapes == [[3, *meta["code_shape"]]]

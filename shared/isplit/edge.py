@@ -282,8 +282,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         top = ", ".join(f"{p['name']} {p['probability']:.3f}" for p in preds)
         flag = "" if agree is None else ("  (full model agrees)" if agree[i] else "  (full model DISAGREES)")
         print(f"{path}: {top}{flag}")
+    print(f"head run with {args.runtime}")
     print(
-        f"head {out.head_ms:.1f} ms ({args.runtime}) | encode {out.encode_ms:.2f} ms ({args.encoding}) | sent {out.bytes_sent} B | "
+        f"head {out.head_ms:.1f} ms | encode {out.encode_ms:.2f} ms ({args.encoding}) | sent {out.bytes_sent} B | "
         f"network+tail {out.network_tail_ms:.1f} ms | total {out.total_ms:.1f} ms"
     )
     if agree is not None:
