@@ -19,7 +19,8 @@ $(STAMP): requirements.txt shared/pyproject.toml services/analyzer/pyproject.tom
 	$(PY) -m pip install -q --no-deps --config-settings editable_mode=compat -e shared -e services/analyzer -e services/trainer
 	@touch $(STAMP)
 
-# Debian packages: the Fashion-MNIST IDX files and Prometheus (promtool, local scraping).
+# Debian packages: the Fashion-MNIST IDX files, Prometheus (promtool, local scraping) and the
+# PostgreSQL server (the tests run the job store on it too).
 system-deps:
 	@scripts/system-deps
 

@@ -46,7 +46,7 @@ import argparse
 import copy
 import json
 import math
-import platform
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -55,10 +55,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from isplit.cuts import CutPoint, find_cut_points
-from isplit.data import load_dataset, to_model_input
-from isplit.importance import accumulate_importance, analysis_mode, curve_from_stats, local_maxima, log10_cui
-from isplit.zoo import build_model
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks.machine
+
+from benchmarks.machine import cpu_name, describe, load_line  # noqa: E402
+from isplit.cuts import CutPoint, find_cut_points  # noqa: E402
+from isplit.data import load_dataset, to_model_input  # noqa: E402
+from isplit.importance import accumulate_importance, analysis_mode, curve_from_stats, local_maxima, log10_cui  # noqa: E402
+from isplit.zoo import build_model  # noqa: E402
 
 CUI_TOLERANCE = 1e-4  # max relative CUI difference between methods in fp32
 LOG10_TOLERANCE = 1e-3  # max |delta log10 CUI| engine vs authors when the relative target is missed
@@ -102,6 +105,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json-out", type=Path, default=None)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
+    # Sharding (isplit.shards): a separate measurement, see shard_costs().
+    p.add_argument("--shards", type=int, nargs="+", default=None,
+                   help="instead of the method comparison: run the analysis as N shards in N processes, per N")  # fmt: skip
+    p.add_argument("--shard-dataset", default="digits", help="data set of the sharded runs (grayscale)")
     return p.parse_args(argv)
 
 
@@ -121,16 +128,6 @@ def make_images(args: argparse.Namespace, n: int) -> tuple[torch.Tensor, torch.T
         labels = digits.labels[idx] % args.num_classes
     mean, std = [0.5] * args.in_channels, [0.25] * args.in_channels
     return to_model_input(raw, args.input_size, mean, std), labels
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # -- timing ---------------------------------------------------------------------------------
@@ -256,6 +253,21 @@ def forward_flops_per_image(model: nn.Module, input_shape: tuple[int, ...], devi
     return 2.0 * macs
 
 
+def matmul_gflops(device: torch.device, n: int = 2048, repeats: int = 10) -> float:
+    """The machine's fp32 matmul rate: GFLOP/s of an ``n`` x ``n`` matmul (2 n^3 FLOPs), best of
+    ``repeats`` after warm-up, on the threads the engine uses."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(device)
+    b = torch.randn(n, n, generator=g).to(device)
+    for _ in range(2):
+        a @ b
+    best = math.inf
+    for _ in range(repeats):
+        _, seconds = timed(lambda: a @ b, device)
+        best = min(best, seconds)
+    return 2 * n**3 / best / 1e9
+
+
 # -- the run --------------------------------------------------------------------------------
 
 
@@ -263,6 +275,7 @@ def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    machine = describe()
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         # fp32 means fp32 unless asked: TF32 convolutions would blur the agreement check.
@@ -322,7 +335,8 @@ def run(args: argparse.Namespace) -> dict:
         agreement["fp64_error_engine"] = max_relative_difference(batched_cui, exact)
     agreement["ok"] = agreement["within_tolerance"] or agreement["same_curve"]
 
-    # Throughput of the single pass (batch 1) and of the engine.
+    # Throughput of the single pass (batch 1) and of the engine, between two matmul-rate runs.
+    matmul_before = matmul_gflops(device)
     _, single_s = timed(lambda: engine(model, images[:n_single], labels[:n_single], points, device, 1), device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -339,6 +353,7 @@ def run(args: argparse.Namespace) -> dict:
     for m in methods.values():
         m["images_per_second"] = m["images"] / m["seconds"]
 
+    matmul_after = matmul_gflops(device)
     fwd = forward_flops_per_image(model, shape, device)
     flops = {
         "forward_flops_per_image": fwd,
@@ -348,6 +363,10 @@ def run(args: argparse.Namespace) -> dict:
         ),
         "engine_tflops": methods["engine"]["images_per_second"] * FWD_BWD_FACTOR * fwd / 1e12,
     }
+    # The matmul rate around the timed runs (the machine may be shared: take the better one).
+    flops["matmul_gflops"] = max(matmul_before, matmul_after)
+    flops["matmul_gflops_before_after"] = [matmul_before, matmul_after]
+    flops["engine_fraction_of_matmul"] = flops["engine_tflops"] * 1e3 / flops["matmul_gflops"]
     if device.type == "cuda":
         flops["peak_tflops"] = args.peak_tflops if args.tf32 else args.peak_tflops_fp32
         flops["peak_kind"] = "tf32 (--peak-tflops)" if args.tf32 else "fp32 (--peak-tflops-fp32)"
@@ -362,6 +381,7 @@ def run(args: argparse.Namespace) -> dict:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({cpu_name()})",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "machine": machine,
         "tf32": bool(args.tf32 and device.type == "cuda"),
         "cut_points": len(points),
         "non_skipped_cut_points": sum(not p.skipped for p in points),
@@ -457,7 +477,9 @@ def report(r: dict) -> str:
             else " (same curve: batch-1 methods agree, equal candidates, |delta log10 CUI| <= 1e-3)"
         ),
         f"FLOPs: forward {f['forward_flops_per_image'] / 1e9:.3f} GFLOP/image; {f['convention']}",
-        f"engine achieved {f['engine_tflops'] * 1e3:.1f} GFLOP/s (fp32)"
+        f"engine achieved {f['engine_tflops'] * 1e3:.1f} GFLOP/s (fp32) = "
+        f"{100 * f['engine_fraction_of_matmul']:.1f} % of this machine's 2048^2 fp32 matmul rate "
+        f"({f['matmul_gflops']:.1f} GFLOP/s, same threads, same run)"
         + (
             f" = {100 * f['engine_fraction_of_peak']:.2f} % of {f['peak_tflops']:.0f} TFLOP/s {f['peak_kind']} peak"
             if "peak_tflops" in f
@@ -484,8 +506,82 @@ def report(r: dict) -> str:
     return "\n".join(lines)
 
 
+# -- sharding: what N shards cost and save ----------------------------------------------------
+
+
+def shard_costs(args: argparse.Namespace) -> dict:
+    """The same analysis (a checkpoint of the seeded model, ``--images`` of ``--shard-dataset``)
+    run whole in this process, then as N shards in N processes (``isplit.shards.run_shards``, as
+    ``isplit analyze --shards N`` does) and merged, for each N of ``--shards``. Each shard pays
+    the process start, the model load and the data read again (``load_seconds``); the engine
+    time is shared out. Checks that every merged curve equals the whole one (1e-4 relative)."""
+    import tempfile
+
+    from isplit.analysis import result_from_stats, run_analysis
+    from isplit.checkpoint import ModelInfo, save_checkpoint
+    from isplit.shards import load_stats, merge, run_shards
+
+    classes = load_dataset(args.shard_dataset, "test").class_names
+    torch.manual_seed(args.seed)
+    model = build_model(args.arch, num_classes=len(classes), in_channels=1, input_size=args.input_size,
+                        width=args.width)  # fmt: skip
+    info = ModelInfo(arch=args.arch, num_classes=len(classes), in_channels=1, input_size=args.input_size,
+                     width=args.width, class_names=classes, mean=[0.5], std=[0.25])  # fmt: skip
+    options = {"max_images": args.images, "batch_size": args.batch_size, "device": args.device}
+    out: dict = {"dataset": args.shard_dataset, "device": args.device, "cpu": cpu_name(), "runs": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp) / "model.pt"
+        save_checkpoint(weights, model, info)
+        run_analysis(weights, args.shard_dataset, **{**options, "max_images": args.batch_size})  # warm-up
+        t0 = time.perf_counter()
+        whole = run_analysis(weights, args.shard_dataset, **options)
+        out["whole"] = {"wall_s": time.perf_counter() - t0, "engine_s": whole.seconds, "images": whole.curve.num_images}
+        for n in args.shards:
+            t0 = time.perf_counter()
+            paths = run_shards(weights, args.shard_dataset, count=n, folder=Path(tmp) / f"n{n}", **options)
+            computed = time.perf_counter() - t0
+            shards = [load_stats(p) for p in paths]
+            merged = result_from_stats(merge(shards))
+            wall = time.perf_counter() - t0
+            rel = max(abs(a.cui - b.cui) / max(abs(b.cui), 1e-30)
+                      for a, b in zip(merged.curve.points, whole.curve.points, strict=True))  # fmt: skip
+            same = merged.curve.candidates == whole.curve.candidates and merged.curve.best == whole.curve.best
+            out["runs"].append({
+                "shards": n,
+                "wall_s": wall,
+                "merge_s": wall - computed,
+                "load_s": [s.meta.load_seconds for s in shards],
+                "engine_s": [s.meta.seconds for s in shards],
+                "start_s": computed - max(s.meta.load_seconds + s.meta.seconds for s in shards),
+                "max_rel_cui_diff": rel,
+                "ok": rel <= CUI_TOLERANCE and same,
+            })  # fmt: skip
+    return out
+
+
+def shard_report(r: dict) -> str:
+    w = r["whole"]
+    lines = [f"sharding on {r['device']} ({r['cpu']}): {w['images']} images of {r['dataset']}",
+             f"  whole, in process     {w['wall_s']:7.2f} s wall ({w['engine_s']:.2f} s engine)"]  # fmt: skip
+    for run in r["runs"]:
+        lines.append(
+            f"  {run['shards']} shard(s), {run['shards']} proc  {run['wall_s']:7.2f} s wall = process start "
+            f"{run['start_s']:.2f} + load/read {max(run['load_s']):.2f} + engine {max(run['engine_s']):.2f} "
+            f"(shards: {', '.join(f'{x:.2f}' for x in run['engine_s'])}) + merge {run['merge_s']:.2f}; "
+            f"max rel CUI diff {run['max_rel_cui_diff']:.1e} {'ok' if run['ok'] else 'FAILED'}"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.shards:
+        result = shard_costs(args)
+        print(shard_report(result))
+        if args.json_out is not None:
+            args.json_out.parent.mkdir(parents=True, exist_ok=True)
+            args.json_out.write_text(json.dumps(result, indent=1))
+        return 0 if all(run["ok"] for run in result["runs"]) else 1
     if args.amp == "bf16" and not args.device.startswith("cuda"):
         print("note: bf16 autocast on a CPU is slow and only checks the numbers", file=sys.stderr)
     result = run(args)
@@ -493,7 +589,9 @@ def main(argv: list[str] | None = None) -> int:
         result["bf16"]["speedup_vs_fp32_engine"] = (
             result["bf16"]["images_per_second"] / result["methods"]["engine"]["images_per_second"]
         )
+    result["machine"]["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
     print(report(result))
+    print(load_line(result["machine"]))
     if args.json_out is not None:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
         args.json_out.write_text(json.dumps(result, indent=1))

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU measurement in one device session (an H100/H200 machine whose python3 has torch and
 # torchvision but not pydantic; no internet): the importance benchmark at 224 px, training
-# throughput CPU vs GPU, and the experiment sweep. Needs var/gpu-wheels (pydantic and its
+# throughput CPU vs GPU, the experiment sweep, and what sharding an analysis costs and saves. Needs var/gpu-wheels (pydantic and its
 # dependencies for that Python) and var/gpu-data/fashion-mnist (the IDX files), carried along.
 # Results come back as two tarballs in $OUT (bench.tgz, sweep.tgz), written after each stage.
 set -u
@@ -31,3 +31,11 @@ echo "== experiment sweep"
 OUT=$WORK/sweep GPU_SITE=/tmp/site timeout 300 bash experiments/gpu_sweep.sh > "$WORK/sweep/stdout.txt" 2>&1
 echo "gpu_sweep exit $?"; tail -5 "$WORK/sweep/stdout.txt"
 tar czf "$DEST/sweep.tgz" -C "$WORK" sweep
+
+echo "== sharded importance (1 and 2 shards, each in its own process, merged)"
+# After the sweep: it put matplotlib and tqdm into /tmp/site when missing (isplit.analysis plots).
+PYTHONPATH=/tmp/site:shared timeout 150 python3 benchmarks/bench_importance.py --arch vgg16 --input-size 224 \
+  --images 2048 --batch-size 128 --device cuda --shards 1 2 --shard-dataset fashion-mnist \
+  --json-out "$WORK/bench/shards.json" > "$WORK/bench/shards.out" 2>&1
+echo "bench_importance --shards exit $?"; tail -4 "$WORK/bench/shards.out"
+tar czf "$DEST/bench.tgz" -C "$WORK" bench

@@ -1,4 +1,4 @@
-"""Shared fixtures: real Kafka, real TorchServe, real service processes, a small trained model."""
+"""Shared fixtures: real Kafka, real PostgreSQL, real TorchServe, real service processes, a small trained model."""
 
 import os
 
@@ -7,6 +7,7 @@ pytest_plugins = [
     "tests.fixtures.torchserve",
     "tests.fixtures.services",
     "tests.fixtures.stack",
+    "tests.fixtures.postgres",
 ]
 
 # tests/cluster needs root, a Docker engine and minutes of image builds: `make test-cluster`

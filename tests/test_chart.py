@@ -47,11 +47,19 @@ ALL_FEATURES = {
         "ingressFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}],
         "kubeApiServer": {"cidrs": ["10.0.0.1/32"]},
         "kafka": {"to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kafka"}}}]},
+        "database": {"to": [{"ipBlock": {"cidr": "10.1.2.3/32"}}]},
     },
     "analyzer": {
         "replicaCount": 2,
-        "database": {"existingSecret": "isplit-database"},
+        "database": {"existingSecret": "isplit-database", "leaseSeconds": 12},
         "auth": {"existingSecret": "isplit-api-tokens", "existingSecretKey": "tokens"},
+        "executor": "kubernetes",
+        "kubernetesExecutor": {
+            "shards": 3,
+            "gpuCount": 1,
+            "device": "cuda",
+            "nodeSelector": {"nvidia.com/gpu.present": "true"},
+        },
     },
     "tailServing": {
         "autoscaling": {"targetMemoryUtilizationPercentage": 80},
@@ -272,6 +280,7 @@ def test_helm_lint_strict_passes(helm, extra):
         ("kafka.bootstrapServers=not-an-address", "bootstrapServers"),
         ("artifacts.persistence.accessModes={ReadWriteEverywhere}", "accessModes"),
         ("analyzer.unknownSetting=1", "unknownSetting"),
+        ("analyzer.database.leaseSeconds=0", "leaseSeconds"),
     ],
 )
 def test_values_schema_rejects_bad_values(helm, flag, message):
@@ -545,6 +554,41 @@ def test_kafka_sasl_credentials_come_from_the_existing_secret(helm, tmp_path_fac
     assert not find(docs, "Secret")
 
 
+# --- the analyzer's job store --------------------------------------------------------------------
+
+
+def test_analyzer_replicas_share_an_external_postgresql(all_docs):
+    deployment = one(all_docs, "Deployment", f"{RELEASE}-analyzer")["spec"]
+    assert deployment["replicas"] == 2
+    assert "strategy" not in deployment  # rolling updates: a stopping replica hands its jobs back
+    volumes = {v["name"]: v for v in deployment["template"]["spec"]["volumes"]}
+    assert "emptyDir" in volumes["state"]
+    assert f"{RELEASE}-analyzer" not in {c["metadata"]["name"] for c in find(all_docs, "PersistentVolumeClaim")}
+    assert config_env(all_docs, "analyzer")["ISPLIT_ANALYZER_LEASE_SECONDS"] == "12"
+    database = [rule for rule in _policy(all_docs, "analyzer")["egress"] if 5432 in _ports(rule)]
+    assert database == [{"ports": [{"port": 5432, "protocol": "TCP"}], "to": [{"ipBlock": {"cidr": "10.1.2.3/32"}}]}]
+
+
+def test_sqlite_state_keeps_one_replica_and_no_database_egress(default_docs):
+    deployment = one(default_docs, "Deployment", f"{RELEASE}-analyzer")["spec"]
+    assert (deployment["replicas"], deployment["strategy"]) == (1, {"type": "Recreate"})
+    assert config_env(default_docs, "analyzer")["ISPLIT_ANALYZER_LEASE_SECONDS"] == "30"
+    ports = set().union(*(_ports(rule) for rule in _policy(default_docs, "analyzer")["egress"]))
+    assert 5432 not in ports
+
+
+def test_the_analyzer_reads_the_charts_database_settings(all_docs, monkeypatch):
+    from isplit_analyzer.config import Settings
+
+    for key, value in config_env(all_docs, "analyzer").items():
+        monkeypatch.setenv(key, value)
+    # What the Secret holds, as a managed PostgreSQL hands it out (no driver in the scheme).
+    monkeypatch.setenv("DATABASE_URL", "postgresql://isplit:pw@postgres.db:5432/isplit")
+    settings = Settings()
+    assert settings.db_url() == "postgresql+psycopg://isplit:pw@postgres.db:5432/isplit"
+    assert settings.analyzer_lease_seconds == 12.0
+
+
 # --- GPU scheduling --------------------------------------------------------------------------------
 
 
@@ -610,6 +654,47 @@ def test_kubernetes_executor_rbac_is_least_privilege(all_docs):
     job_account = one(all_docs, "ServiceAccount", f"{RELEASE}-training-job")
     assert job_account["automountServiceAccountToken"] is False
     assert not [b for b in find(all_docs, "RoleBinding") if b["subjects"][0]["name"] == f"{RELEASE}-training-job"]
+
+
+def test_analyzer_kubernetes_executor_rbac_is_least_privilege(all_docs):
+    role = one(all_docs, "Role", f"{RELEASE}-analyzer")
+    rules = {(tuple(r["apiGroups"]), tuple(r["resources"])): sorted(r["verbs"]) for r in role["rules"]}
+    assert rules == {
+        (("batch",), ("jobs",)): sorted(["create", "get", "list", "watch", "delete"]),
+        (("",), ("pods",)): ["list"],
+        (("",), ("pods/log",)): ["get"],
+    }
+    binding = one(all_docs, "RoleBinding", f"{RELEASE}-analyzer")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": f"{RELEASE}-analyzer", "namespace": NAMESPACE}]
+    analyzer = one(all_docs, "Deployment", f"{RELEASE}-analyzer")["spec"]["template"]["spec"]
+    assert analyzer["serviceAccountName"] == f"{RELEASE}-analyzer"
+    assert analyzer["automountServiceAccountToken"] is True
+    assert one(all_docs, "ServiceAccount", f"{RELEASE}-analysis-job")["automountServiceAccountToken"] is False
+    egress = _policy(all_docs, "analyzer")["egress"]
+    assert [_ports(rule) for rule in egress] == [{53}, {9092, 9093}, {443, 6443}]
+
+
+def test_chart_analysis_job_template_builds_a_valid_indexed_job_the_policies_select(all_docs):
+    from isplit_analyzer.executors import AnalysisJobTemplate
+
+    env = config_env(all_docs, "analyzer")
+    assert env["ISPLIT_ANALYZER_EXECUTOR"] == "kubernetes" and env["ISPLIT_ANALYZER_SHARDS"] == "3"
+    template = AnalysisJobTemplate.from_json(env["ISPLIT_ANALYZER_JOB_TEMPLATE"])
+    job = template.build(analysis_id="a-0123456789ab", request_json="{}", shards=3)
+    for version in K8S_VERSIONS:
+        kv.validate(job, version, strict=True)
+    assert (job["spec"]["completionMode"], job["spec"]["completions"]) == ("Indexed", 3)
+    pod = job["spec"]["template"]
+    assert pod["spec"]["serviceAccountName"] == f"{RELEASE}-analysis-job"
+    assert pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert pod["spec"]["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    analyzer = one(all_docs, "Deployment", f"{RELEASE}-analyzer")["spec"]["template"]["spec"]
+    assert pod["spec"]["containers"][0]["image"] == analyzer["containers"][0]["image"]
+    policy = _policy(all_docs, "analysis-job")
+    assert policy["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert "ingress" not in policy and "egress" not in policy
+    analyzer_policy = _policy(all_docs, "analyzer")
+    assert not (analyzer_policy["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items())
 
 
 def test_chart_job_template_builds_a_valid_job_the_policies_select(all_docs):
@@ -907,7 +992,13 @@ def test_local_values_fit_the_one_node_cluster(helm, tmp_path_factory):
                 cpu += float(req[:-1]) / 1000 if req.endswith("m") else float(req)
     job = json.loads(config_env(docs, "trainer")["ISPLIT_TRAINER_JOB_TEMPLATE"])["resources"]["requests"]["cpu"]
     cpu += float(job[:-1]) / 1000 if job.endswith("m") else float(job)
-    assert cpu <= 1.5, f"the services and one training Job request {cpu} CPUs of a 2-CPU node"
+    analysis = render(
+        helm, tmp_path_factory, {"analyzer": {"executor": "kubernetes"}}, files=[CHART / "values-local.yaml"]
+    )
+    env = config_env(analysis, "analyzer")
+    pod = json.loads(env["ISPLIT_ANALYZER_JOB_TEMPLATE"])["resources"]["requests"]["cpu"]
+    cpu += int(env["ISPLIT_ANALYZER_SHARDS"]) * (float(pod[:-1]) / 1000 if pod.endswith("m") else float(pod))
+    assert cpu <= 1.5, f"the services, one training Job and an analysis's shards request {cpu} CPUs of a 2-CPU node"
 
 
 def test_analyzer_listens_on_every_address_in_the_pod(default_docs):

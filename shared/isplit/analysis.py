@@ -4,7 +4,6 @@ data, run the importance engine, write ``result.json`` and the plots."""
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -12,13 +11,13 @@ from typing import Any
 from pydantic import BaseModel
 
 from isplit import IsplitError
-from isplit.checkpoint import ModelInfo, load_model
-from isplit.data import DatasetRef, resolve_classes
-from isplit.exported import with_dataset_names
-from isplit.importance import ImportanceCurve, Target, importance_curve
+from isplit.checkpoint import ModelInfo
+from isplit.data import DatasetRef
+from isplit.importance import ImportanceCurve, Target, curve_from_stats
 from isplit.messages import BottleneckSpec, DatasetSpec, ModelSpec, SplitCandidate, candidate_id_for
-from isplit.plan import CostProfile, Deployment, cut_costs, plan_analysis
+from isplit.plan import CostProfile, Deployment, plan_analysis
 from isplit.plots import plot_class_heat, plot_curve
+from isplit.shards import ShardStats, run_shard
 from isplit.training import pick_device
 
 
@@ -56,48 +55,45 @@ def run_analysis(
     """Analyse the checkpoint ``weights`` on ``dataset`` (a spec string or a parsed reference).
 
     ``classes`` are indices or names (None = all); ``max_images`` caps the analysed images
-    (a stratified, seeded slice); errors a user can cause raise ``IsplitError``. ``model_meta``
-    gives a torch.export program's class names and normalisation (``isplit.exported``); a
-    program without class names takes the dataset's.
+    (a stratified, seeded slice); errors a user can cause raise ``IsplitError``. The whole
+    selection is one shard (``isplit.shards``): a sharded run merges into the same result.
+    ``model_meta`` gives a torch.export program's class names and normalisation
+    (``isplit.exported.ProgramMeta``); a program without class names takes the dataset's.
     """
-    ref, spec = (dataset, dataset.spec) if isinstance(dataset, DatasetRef) else (DatasetRef.parse(dataset), dataset)
-    model, info = load_model(weights, arch=arch, meta=model_meta)
-    data = ref.load(split, in_channels=info.in_channels)
-    if data.in_channels != info.in_channels:
-        raise IsplitError(f"dataset {spec!r} has {data.in_channels} channels, the model expects {info.in_channels}")
-    if len(data.class_names) != info.num_classes:
-        raise IsplitError(
-            f"dataset {spec!r} has {len(data.class_names)} classes, the model was trained on {info.num_classes}"
-        )
-    info = with_dataset_names(info, data.class_names)
-    subset = resolve_classes(classes, data.class_names)
-    data = data.subset(subset, max_images)
-    dev = pick_device(device)
-    start = time.perf_counter()
-    curve = importance_curve(
-        model,
-        data.batches(batch_size, input_size=info.input_size, mean=info.mean, std=info.std),
-        target=target,
+    whole = run_shard(
+        weights,
+        dataset,
+        arch=arch,
+        classes=classes,
+        max_images=max_images,
         batch_size=batch_size,
-        device=dev,
-        classes=subset,
-        progress=progress,
-        total=len(data),
-    )
-    seconds = time.perf_counter() - start
-    costs = cut_costs(model, (info.in_channels, info.input_size, info.input_size), curve.points)
-    return AnalysisResult(
-        model=info,
-        dataset=spec,
+        target=target,
+        device=pick_device(device),
         split=split,
-        classes=subset,
-        class_names=data.class_names,
+        progress=progress,
+        model_meta=model_meta,
+    )
+    return result_from_stats(whole)
+
+
+def result_from_stats(shard: ShardStats) -> AnalysisResult:
+    """The ``AnalysisResult`` of a whole selection's stats (a one-piece run, or ``merge``'s)."""
+    meta = shard.meta
+    if meta.count != 1:
+        raise IsplitError(f"{shard.name} is shard {meta.index} of {meta.count}: merge all shards first")
+    curve = curve_from_stats(shard.stats, meta.identity.classes)
+    return AnalysisResult(
+        model=meta.model,
+        dataset=meta.identity.dataset,
+        split=meta.identity.split,
+        classes=meta.identity.classes,
+        class_names=meta.class_names,
         curve=curve,
         ranking=curve.ranking(),
-        seconds=seconds,
-        images_per_second=curve.num_images / max(seconds, 1e-9),
-        device=str(dev),
-        costs=costs,
+        seconds=meta.seconds,
+        images_per_second=curve.num_images / max(meta.seconds, 1e-9),
+        device=meta.device,
+        costs=meta.costs,
     )
 
 

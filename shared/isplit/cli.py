@@ -1,7 +1,8 @@
 """The one command-line tool, ``isplit``.
 
-Subcommands: ``zoo list|train``, ``cuts``, ``analyze``, ``plan``, ``edge predict|profile``,
-``stack up|down|status``, ``experiment sweep``, ``token create``. Errors a user can cause print one line and exit with code 2.
+Subcommands: ``zoo list|train``, ``cuts``, ``analyze`` (``--shards N``; ``analyze merge``), ``plan``,
+``edge predict|profile``, ``stack up|down|status``, ``experiment sweep``, ``token create``. Errors a user can
+cause print one line and exit with code 2.
 """
 
 from __future__ import annotations
@@ -12,8 +13,12 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from isplit import IsplitError
+
+if TYPE_CHECKING:
+    from isplit.analysis import AnalysisResult
 
 # Modules that add their own subcommands: each has ``register_cli(subparsers)``.
 _PLUGINS = ("isplit.plan", "isplit.edge", "isplit.dev.stack", "isplit.experiment", "isplit.dev.demo", "isplit.auth")
@@ -26,6 +31,18 @@ class _Parser(argparse.ArgumentParser):
 
 def _csv(text: str) -> list[str]:
     return [t for t in (s.strip() for s in text.split(",")) if t]
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
+
+
+def _non_negative(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return int(text)
 
 
 def cmd_zoo_list(args: argparse.Namespace) -> int:
@@ -121,21 +138,69 @@ def _program_meta(args: argparse.Namespace) -> object:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from isplit.analysis import run_analysis, write_report
+    from isplit.analysis import result_from_stats, run_analysis
+    from isplit.shards import INDEX_ENV, load_stats, merge, run_shard, run_shards, save_stats
+    from isplit.training import pick_device
 
-    result = run_analysis(
-        Path(args.weights),
-        args.dataset,
-        arch=args.arch,
-        classes=_csv(args.classes) if args.classes else None,
-        max_images=args.max_images,
-        batch_size=args.batch_size,
-        target=args.target,
-        device=args.device,
-        progress=True,
-        model_meta=_program_meta(args),
-    )
-    paths = write_report(result, Path(args.out))
+    missing = [flag for flag, value in (("--weights", args.weights), ("--dataset", args.dataset)) if not value]
+    if args.shard_index is None and args.stats_out:
+        args.shard_index = _int_env(INDEX_ENV)  # a pod of a Kubernetes Indexed Job
+    if args.shard_index is None and not args.out:
+        missing.append("--out")
+    if args.shard_index is not None and not args.stats_out:
+        missing.append("--stats-out")
+    if args.stats_out and args.shard_index is None:
+        args.parser.error(f"--stats-out writes one shard: give --shard-index (or set ${INDEX_ENV})")
+    if missing:
+        args.parser.error(f"the following arguments are required: {', '.join(missing)}")
+    options = {
+        "arch": args.arch,
+        "classes": _csv(args.classes) if args.classes else None,
+        "max_images": args.max_images,
+        "batch_size": args.batch_size,
+        "target": args.target,
+        "model_meta": _program_meta(args),
+    }
+    if args.shard_index is not None:  # one shard, for an external scheduler
+        shard = run_shard(Path(args.weights), args.dataset, index=args.shard_index, count=args.shards,
+                          device=pick_device(args.device), progress=True, **options)  # fmt: skip
+        save_stats(shard, Path(args.stats_out))
+        print(f"shard {args.shard_index} of {args.shards}: {int(shard.stats.counts.sum())} images in "
+              f"{shard.meta.seconds:.2f} s; wrote {args.stats_out}")  # fmt: skip
+        return 0
+    if args.shards == 1:
+        result = run_analysis(Path(args.weights), args.dataset, device=args.device, progress=True, **options)
+    else:
+        folder = Path(args.out) / "shards"
+        paths = run_shards(Path(args.weights), args.dataset, count=args.shards, folder=folder,
+                           device=str(pick_device(args.device)), **options)  # fmt: skip
+        result = result_from_stats(merge([load_stats(p) for p in paths]))
+    return _report(result, Path(args.out), args.json)
+
+
+def cmd_analyze_merge(args: argparse.Namespace) -> int:
+    from isplit.analysis import result_from_stats
+    from isplit.shards import load_stats, merge
+
+    result = result_from_stats(merge([load_stats(Path(p)) for p in args.stats]))
+    return _report(result, Path(args.out), args.json)
+
+
+def _int_env(name: str) -> int | None:
+    import os
+
+    value = os.environ.get(name)
+    if value is None:
+        return None
+    if not value.isdigit():
+        raise IsplitError(f"{name} must be a shard index (0, 1, ...), got {value!r}")
+    return int(value)
+
+
+def _report(result: AnalysisResult, out: Path, as_json: bool) -> int:
+    from isplit.analysis import write_report
+
+    paths = write_report(result, out)
     curve = result.curve
     print(f"analysed {curve.num_images} images in {result.seconds:.2f} s ({result.images_per_second:.0f} img/s)")
     print(f"best cut: {curve.best}; candidates: {', '.join(curve.candidates) or '(none)'}")
@@ -145,7 +210,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             flag = " *best" if p.module == curve.best else (" ^cand" if p.module in curve.candidates else "")
             print(f"  {p.module:<28} log10 CUI {p.log10_cui:8.3f}  {p.output_bytes:>9} B{flag}")
     print("wrote " + ", ".join(str(p) for p in paths.values()))
-    if args.json:
+    if as_json:
         print(json.dumps(result.model_dump(mode="json")))
     return 0
 
@@ -190,19 +255,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     an = sub.add_parser("analyze", help="I-SPLIT importance curve, candidates and plots")
     an.add_argument("--arch", help="checked against the checkpoint")
-    an.add_argument("--weights", required=True, help="an isplit checkpoint or a torch.export program (.pt2)")
-    an.add_argument("--dataset", required=True)
+    an.add_argument("--weights", help="(required) an isplit checkpoint or a torch.export program (.pt2)")
+    an.add_argument("--dataset", help="(required)")
     an.add_argument("--classes", help="comma-separated class indices or names (default: all)")
     an.add_argument("--max-images", type=int, default=1000)
     an.add_argument("--batch-size", type=int, default=64)
     an.add_argument("--target", choices=["label", "predicted"], default="label")
     an.add_argument("--device", default="auto")
-    an.add_argument("--out", required=True)
+    an.add_argument("--out", help="(required) folder for result.json and the plots")
     an.add_argument("--json", action="store_true", help="also print result.json to stdout")
+    an.add_argument("--shards", type=_positive, default=1, help="split the images into N shards (N processes)")
+    an.add_argument(
+        "--shard-index", type=_non_negative, help="compute only this shard (default: $JOB_COMPLETION_INDEX)"
+    )
+    an.add_argument("--stats-out", help="with --shard-index: write the shard's stats (.npz) here")
     an.add_argument("--class-names", help=".pt2 programs: comma-separated names (default: the dataset's)")
     an.add_argument("--mean", help=".pt2 programs: per-channel mean of [0, 1] pixels (default: none)")
     an.add_argument("--std", help=".pt2 programs: per-channel std of [0, 1] pixels (default: none)")
-    an.set_defaults(func=cmd_analyze)
+    an.set_defaults(func=cmd_analyze, parser=an)
+    # `isplit analyze merge ...` beside `isplit analyze --weights ...`: an optional sub-command.
+    an_sub = an.add_subparsers(dest="analyze_command", parser_class=_Parser, metavar="{merge}")
+    merge = an_sub.add_parser("merge", help="merge shard stats into result.json and plots")
+    merge.add_argument("--stats", nargs="+", required=True, help="the stats files of every shard")
+    merge.add_argument("--out", required=True)
+    merge.add_argument("--json", action="store_true", help="also print result.json to stdout")
+    merge.set_defaults(func=cmd_analyze_merge)
 
     eh = sub.add_parser("export-head", help="write a trained candidate's head as ONNX, TorchScript or ExecuTorch")
     eh.add_argument("candidate_dir", help="the candidate's folder (head.json and head.pt2, as the trainer writes)")

@@ -131,8 +131,11 @@ def gradcam_maps(activation: torch.Tensor, gradient: torch.Tensor) -> torch.Tens
         activation, gradient = activation[:, :, None, None], gradient[:, :, None, None]
     if activation.dim() != 4:
         raise ValueError(f"expected (N, C, H, W) or (N, F), got shape {tuple(activation.shape)}")
-    weights = gradient.mean(dim=(2, 3), keepdim=True)
-    return torch.relu((weights * activation).mean(dim=1))
+    n, c, h, w = activation.shape
+    weights = gradient.mean(dim=(2, 3))
+    # (N, 1, C) @ (N, C, HW): the channel-weighted mean in one pass, no (N, C, H, W) product.
+    cam = torch.bmm(weights[:, None, :], activation.reshape(n, c, h * w)) / c
+    return torch.relu(cam.view(n, h, w))
 
 
 def log10_cui(cui: float) -> float:

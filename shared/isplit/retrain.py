@@ -8,8 +8,11 @@ and reproducible.
 
 from __future__ import annotations
 
+import math
+import os
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,6 +110,91 @@ def count_flops(module: nn.Module, example: torch.Tensor) -> int:
     return total[0] // max(1, example.shape[0])
 
 
+CACHE_MEMORY_BYTES = 1 << 30  # activation caches larger than this are memory-mapped files
+
+
+class ActivationCache:
+    """The frozen head's activation at the cut and the frozen model's logits of every training
+    image, computed once for all epochs.
+
+    ``acts`` is ``(N, *cut_shape)`` float32, ``logits`` ``(N, K)`` float32, ``labels`` ``(N,)``
+    int64, row ``i`` for image ``i`` of the set. Up to ``memory_bytes`` they are held in
+    memory; larger caches are float32 files memory-mapped from a temporary directory (the page
+    cache holds what fits, the disk the rest), removed by :meth:`close`.
+    """
+
+    def __init__(self, labels: torch.Tensor, act_shape: Sequence[int], num_classes: int, memory_bytes: int) -> None:
+        n = int(labels.shape[0])
+        self.labels = labels
+        sizes = {"acts": (n, *act_shape), "logits": (n, num_classes)}
+        total = sum(math.prod(s) for s in sizes.values()) * 4
+        self._dir = tempfile.TemporaryDirectory(prefix="isplit-acts-") if total > memory_bytes else None
+        self.spilled = self._dir is not None
+        tensors = {name: self._allocate(name, shape) for name, shape in sizes.items()}
+        self.acts, self.logits = tensors["acts"], tensors["logits"]
+
+    def _allocate(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if self._dir is None:
+            return torch.empty(shape, dtype=torch.float32)
+        path = os.path.join(self._dir.name, f"{name}.f32")
+        return torch.from_file(path, shared=True, size=math.prod(shape), dtype=torch.float32).view(shape)
+
+    @classmethod
+    def fill(
+        cls,
+        data: ImageSet,
+        batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+        frozen: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+        memory_bytes: int,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> ActivationCache:
+        """Run ``frozen(images) -> (acts, logits)`` over ``batches`` (all of ``data``, in
+        order, unshuffled) and keep the outputs."""
+        cache: ActivationCache | None = None
+        row = 0
+        try:
+            for x, _ in batches:
+                if should_stop is not None and should_stop():
+                    raise Abandoned("stopped while caching the head's activations")
+                act, logits = frozen(x)
+                if cache is None:
+                    cache = cls(data.labels, act.shape[1:], logits.shape[1], memory_bytes)
+                cache.acts[row : row + len(x)] = act.float().cpu()
+                cache.logits[row : row + len(x)] = logits.float().cpu()
+                row += len(x)
+        except BaseException:
+            if cache is not None:
+                cache.close()
+            raise
+        if cache is None or row != len(data):
+            raise IsplitError(f"caching activations saw {row} of {len(data)} images")
+        return cache
+
+    def batches(self, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``(acts, logits, labels)`` in the shuffled order of ``ImageSet.batches(shuffle=True,
+        seed=seed)``, so cached and uncached training see the same batches."""
+        order = torch.randperm(len(self.labels), generator=torch.Generator().manual_seed(seed))
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            yield self.acts[idx], self.logits[idx], self.labels[idx]
+
+    def close(self) -> None:
+        """Drop the tensors and remove the spill directory (if any)."""
+        self.acts = self.logits = torch.empty(0)
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
+
+
+def _frozen_outputs(
+    head: nn.Module, tail: nn.Module, x: torch.Tensor, use_amp: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen model's activation at the cut and its logits: ``(head(x), tail(head(x)))``."""
+    with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=use_amp):
+        act = head(x)
+        return act, tail(act)
+
+
 def _params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -124,6 +212,8 @@ def retrain_split(
     progress: bool = False,
     on_step: Callable[[int, float, float], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    cache_activations: bool = True,
+    cache_memory_bytes: int = CACHE_MEMORY_BYTES,
 ) -> RetrainOutcome:
     """Insert a bottleneck at ``cut`` of the trained ``model``, train it within ``budget``
     (compression ratio, epochs, learning rate, batch size, tail fine-tuning, seed; the
@@ -133,6 +223,12 @@ def retrain_split(
     classes' images and subset accuracies are reported too. ``on_step(epoch, loss,
     samples_per_second)`` is called every few batches; ``should_stop()`` returning True
     abandons the work (``Abandoned``).
+
+    The head and the tail's weights are frozen and in eval mode, so the activation at the cut
+    and the original logits of an image are the same every epoch: with ``cache_activations``
+    they are computed once (:class:`ActivationCache`; in memory up to ``cache_memory_bytes``,
+    beyond that in a memory-mapped file) and each step runs only bottleneck and tail.
+    ``samples_per_second`` includes the time to fill the cache.
     """
     budget = budget or BottleneckSpec()
     ratio, epochs, lr, batch_size, seed = (
@@ -164,37 +260,49 @@ def retrain_split(
     steps = max(1, epochs * ((len(fit_set) + batch_size - 1) // batch_size))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
     bar = tqdm(total=steps, desc=f"bottleneck@{cut}", unit="batch", disable=not progress)
-    for epoch in range(epochs):
-        bottleneck.train()
-        for step, (x, y) in enumerate(batches(fit_set, True, seed + epoch)):
-            if should_stop is not None and should_stop():
-                raise Abandoned(f"stopped during epoch {epoch + 1}")
-            x, y = x.to(device), y.to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                with torch.no_grad():
-                    act = head(x)
-                    ref_logits = tail(act)
-                recon = bottleneck.decoder(bottleneck.encoder(act))
-                logits = tail(recon)
-                loss = (
-                    F.mse_loss(recon.float(), act.float()) / act.float().pow(2).mean().clamp_min(1e-6)
-                    + F.cross_entropy(logits.float(), y)
-                    + F.kl_div(
-                        F.log_softmax(logits.float(), 1),
-                        F.log_softmax(ref_logits.float(), 1),
-                        log_target=True,
-                        reduction="batchmean",
+    frozen = lambda x: _frozen_outputs(head, tail, x.to(device), use_amp)  # noqa: E731
+    cache = (
+        ActivationCache.fill(fit_set, batches(fit_set, False), frozen, cache_memory_bytes, should_stop)
+        if cache_activations
+        else None
+    )
+    try:
+        for epoch in range(epochs):
+            bottleneck.train()
+            epoch_batches = (
+                cache.batches(batch_size, seed + epoch)
+                if cache is not None
+                else ((*frozen(x), y) for x, y in batches(fit_set, True, seed + epoch))
+            )
+            for step, (act, ref_logits, y) in enumerate(epoch_batches):
+                if should_stop is not None and should_stop():
+                    raise Abandoned(f"stopped during epoch {epoch + 1}")
+                act, ref_logits, y = act.to(device), ref_logits.to(device), y.to(device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    recon = bottleneck.decoder(bottleneck.encoder(act))
+                    logits = tail(recon)
+                    loss = (
+                        F.mse_loss(recon.float(), act.float()) / act.float().pow(2).mean().clamp_min(1e-6)
+                        + F.cross_entropy(logits.float(), y)
+                        + F.kl_div(
+                            F.log_softmax(logits.float(), 1),
+                            F.log_softmax(ref_logits.float(), 1),
+                            log_target=True,
+                            reduction="batchmean",
+                        )
                     )
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            seen += int(y.numel())
-            losses.append(loss.item())
-            bar.update(1)
-            if on_step is not None and step % 5 == 0:
-                on_step(epoch + 1, losses[-1], seen / max(time.perf_counter() - start, 1e-9))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                seen += int(y.numel())
+                losses.append(loss.item())
+                bar.update(1)
+                if on_step is not None and step % 5 == 0:
+                    on_step(epoch + 1, losses[-1], seen / max(time.perf_counter() - start, 1e-9))
+    finally:
+        if cache is not None:
+            cache.close()
     bar.close()
     if budget.finetune_tail:
         _finetune_tail(tail, bottleneck, head, batches(fit_set, True, seed + 99), lr / 10, device, should_stop)

@@ -144,6 +144,12 @@ imagePullSecrets:
 {{- default "default" .Values.trainer.serviceAccount.name -}}
 {{- end -}}
 {{- end -}}
+{{- define "isplit.analyzer.serviceAccountName" -}}
+{{- default (include "isplit.componentName" (dict "root" . "component" "analyzer")) .Values.analyzer.serviceAccount.name -}}
+{{- end -}}
+{{- define "isplit.analysisJob.serviceAccountName" -}}
+{{- include "isplit.componentName" (dict "root" . "component" "analysis-job") -}}
+{{- end -}}
 {{- define "isplit.trainingJob.serviceAccountName" -}}
 {{- include "isplit.componentName" (dict "root" . "component" "training-job") -}}
 {{- end -}}
@@ -227,7 +233,7 @@ deadLetter: {{ printf "%sisplit.dead-letter.v1" .Values.kafka.topicPrefix }}
 {{- $errors = append $errors "metrics.serviceMonitor.enabled and metrics.podMonitor.enabled select the same pods: enable one of them" -}}
 {{- end -}}
 {{- if and (gt (int .Values.analyzer.replicaCount) 1) (not .Values.analyzer.database.existingSecret) -}}
-{{- $errors = append $errors "analyzer.replicaCount > 1 needs a shared database: set analyzer.database.existingSecret (SQLite on a volume supports one replica)" -}}
+{{- $errors = append $errors "analyzer.replicaCount > 1 needs a shared database: set analyzer.database.existingSecret to a Secret holding a PostgreSQL URL (SQLite on a volume supports one replica)" -}}
 {{- end -}}
 {{- if and (eq .Values.trainer.executor "kubernetes") (not .Values.trainer.serviceAccount.create) (not .Values.trainer.serviceAccount.name) -}}
 {{- $errors = append $errors "trainer.executor=kubernetes needs a ServiceAccount allowed to create Jobs: set trainer.serviceAccount.create=true or name an existing one" -}}
@@ -270,5 +276,19 @@ deadLetter: {{ printf "%sisplit.dead-letter.v1" .Values.kafka.topicPrefix }}
   {{- with .Values.networkPolicy.kafka.to }}
   to:
     {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end -}}
+{{- define "isplit.np.kubeApiEgress" -}}
+- ports:
+    {{- range .Values.networkPolicy.kubeApiServer.ports }}
+    - port: {{ . }}
+      protocol: TCP
+    {{- end }}
+  {{- with .Values.networkPolicy.kubeApiServer.cidrs }}
+  to:
+    {{- range . }}
+    - ipBlock:
+        cidr: {{ . | quote }}
+    {{- end }}
   {{- end }}
 {{- end -}}

@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy.engine import make_url
 
 from isplit.auth import TokenStore
 from isplit_analyzer import metrics
@@ -39,7 +40,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.isplit = State(settings, sessions, runner, results)
     runner.start()
     results.start()
-    log.info("analyzer ready: artifacts %s, db %s", settings.artifact_root, db_url)
+    shown = make_url(db_url).render_as_string(hide_password=True)
+    log.info("analyzer ready: artifacts %s, db %s", settings.artifact_root, shown)
     if app.state.tokens.problem:
         log.warning(
             "no API token can authenticate (%s): every /v1 call answers 401; make one with "

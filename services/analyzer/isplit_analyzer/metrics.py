@@ -17,6 +17,13 @@ HTTP_SECONDS = Histogram(
 )
 IN_PROGRESS = Gauge("isplit_analyzer_jobs_in_progress", "Analyses running now")
 RESULTS_CONSUMED = Counter("isplit_analyzer_results_consumed", "Training results attached to candidates")
+RESULTS_DUPLICATE = Counter(
+    "isplit_analyzer_results_duplicate",
+    "Training results ignored: their candidate already holds that result or a newer one (re-delivered, re-published)",
+)
+TAKEOVERS = Counter(
+    "isplit_analyzer_jobs_taken_over", "Running jobs this replica took over from a replica whose lease lapsed"
+)
 
 for _status in ("queued", "succeeded", "failed", "cancelled"):
     JOBS.labels(_status)  # export every series from the start

@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import or_, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -26,15 +26,29 @@ log = logging.getLogger("isplit.analyzer.results")
 LAG_CHECK_S = 2.0  # how often the loop measures its lag for the readiness probe
 
 
-def attach_result(sessions: sessionmaker[Session], result: TrainingResult) -> bool:
-    """Store ``result`` on its candidate (idempotent: the latest result wins); False if unknown."""
+ATTACHED, DUPLICATE, UNKNOWN = "attached", "duplicate", "unknown"
+
+
+def attach_result(sessions: sessionmaker[Session], result: TrainingResult) -> str:
+    """Attach ``result`` to its candidate, once: keyed by candidate id, the newest result (by
+    its ``created_at``) wins, so a record delivered or published twice, or an older one arriving
+    late, changes nothing, whatever the order and whichever replica consumes it.
+
+    Returns ``ATTACHED``, ``DUPLICATE`` (the candidate holds this result or a newer one) or
+    ``UNKNOWN`` (no such candidate)."""
     with sessions.begin() as s:
         n = s.execute(
             update(CandidateRow)
-            .where(CandidateRow.candidate_id == result.candidate_id)
-            .values(result=result.model_dump(mode="json"))
+            .where(
+                CandidateRow.candidate_id == result.candidate_id,
+                or_(CandidateRow.result_created_at.is_(None), CandidateRow.result_created_at < result.created_at),
+            )
+            .values(result=result.model_dump(mode="json"), result_created_at=result.created_at)
         ).rowcount
-    return bool(n)
+        if n:
+            return ATTACHED
+        known = s.scalar(select(CandidateRow.candidate_id).where(CandidateRow.candidate_id == result.candidate_id))
+    return DUPLICATE if known else UNKNOWN
 
 
 class ResultsConsumer:
@@ -103,14 +117,17 @@ class ResultsConsumer:
         and the record is read again)."""
         try:
             result = decode(TrainingResult, record.value)
-            attached = attach_result(self.sessions, result)
+            outcome = attach_result(self.sessions, result)
         except OperationalError:
             raise
         except Exception as exc:  # MessageError, or anything else this record makes go wrong
             reason = str(exc) if isinstance(exc, MessageError) else f"unexpected error: {type(exc).__name__}: {exc}"
             dead_letter(producer, self.topics.results, record, reason, "isplit-analyzer", topic=self.topics.dead_letter)
             return
-        if attached:
+        if outcome == ATTACHED:
             metrics.RESULTS_CONSUMED.inc()
+        elif outcome == DUPLICATE:
+            metrics.RESULTS_DUPLICATE.inc()
+            log.info("result for candidate %s already attached: ignored", result.candidate_id)
         else:
             log.info("result for unknown candidate %s ignored", result.candidate_id)

@@ -3,9 +3,10 @@
 With ``ISPLIT_TRAINER_EXECUTOR=kubernetes`` the trainer pod stays a light Kafka consumer and
 each candidate trains in its own Job (on a GPU node when asked): :func:`build_job` turns a
 candidate into a Job manifest, :class:`KubernetesExecutor` creates it, watches it until it
-succeeds, fails or times out, and reports a :class:`JobOutcome`. The Job runs the trainer image
-with the candidate in ``ISPLIT_CANDIDATE_JSON`` and writes its artifacts to the shared artifact
-volume, where the trainer picks them up to register and publish.
+succeeds, fails or times out, and reports a :class:`JobOutcome` (the Job machinery is shared
+with the analyzer: ``isplit.k8s``). The Job runs the trainer image with the candidate in
+``ISPLIT_CANDIDATE_JSON`` and writes its artifacts to the shared artifact volume, where the
+trainer picks them up to register and publish.
 
 The Helm chart renders everything cluster-specific (image, namespace, GPUs, node selector,
 tolerations, claim, ServiceAccount, resources) into ``ISPLIT_TRAINER_JOB_TEMPLATE``, a JSON
@@ -15,314 +16,69 @@ submitted twice finds its existing Job instead of training again.
 
 from __future__ import annotations
 
-import copy
-import hashlib
-import json
-import re
-import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from isplit import k8s
+from isplit.k8s import JobOutcome, KubernetesJobs, job_outcome, label_value
 
-DEFAULT_ARTIFACT_ROOT = "/var/lib/isplit/artifacts"
+__all__ = ["JobOutcome", "JobTemplate", "KubernetesExecutor", "build_job", "job_name", "job_outcome", "label_value"]
+
 JOB_TEMPLATE_ENV = "ISPLIT_TRAINER_JOB_TEMPLATE"
 CANDIDATE_JSON_ENV = "ISPLIT_CANDIDATE_JSON"
 CANDIDATE_ID_LABEL = "isplit.io/candidate-id"
 ANALYSIS_ID_LABEL = "isplit.io/analysis-id"
-GPU_RESOURCE = "nvidia.com/gpu"
-# The uid/gid of the trainer image's non-root user; the artifact volume's group (fsGroup).
-RUN_AS_USER = 10001
-RUN_AS_GROUP = 10001
-
-# How often a waiting trainer checks whether it was asked to stop (SIGTERM), seconds.
-STOP_POLL_SECONDS = 3
-
 _NAME_PREFIX = "isplit-train-"
-_MAX_NAME = 63  # a Job's name becomes a pod label value (job-name), so 63, not 253
-_HASH_LEN = 10
-_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 
 
 def job_name(candidate_id: str) -> str:
-    """A DNS-1123 label for the candidate's Job: ``isplit-train-<slug>-<hash>``, at most 63 chars.
-
-    The slug is the lower-cased id with every run of other characters turned into ``-``; the
-    hash (first 10 hex digits of SHA-256 of the exact id) keeps ids that slug alike apart,
-    e.g. ``"A_1"`` and ``"a-1"``.
-    """
+    """The candidate's Job: ``isplit-train-<slug>-<hash>``, a DNS-1123 label of at most 63 chars."""
     if not candidate_id:
         raise ValueError("candidate_id must be a non-empty string")
-    digest = hashlib.sha256(candidate_id.encode("utf-8")).hexdigest()[:_HASH_LEN]
-    room = _MAX_NAME - len(_NAME_PREFIX) - 1 - _HASH_LEN
-    slug = re.sub(r"[^a-z0-9]+", "-", candidate_id.lower()).strip("-")[:room].strip("-")
-    return f"{_NAME_PREFIX}{slug}-{digest}" if slug else f"{_NAME_PREFIX}{digest}"
+    return k8s.job_name(_NAME_PREFIX, candidate_id)
 
 
-def label_value(value: str) -> str:
-    """``value`` when it is a valid label value (<= 63 chars), else a valid shortened form
-    ending in a hash of the full value (the full value goes in an annotation)."""
-    if len(value) <= 63 and _LABEL_VALUE.match(value):
-        return value
-    digest = hashlib.sha256(value.encode("utf-8")).hexdigest()[:_HASH_LEN]
-    head = re.sub(r"[^A-Za-z0-9_.-]+", "-", value)[: 63 - _HASH_LEN - 1]
-    head = re.sub(r"^[^A-Za-z0-9]+|[^A-Za-z0-9]+$", "", head)
-    return f"{head}-{digest}" if head else digest
-
-
-def build_job(
-    *,
-    candidate_id: str,
-    analysis_id: str,
-    candidate_json: str,
-    image: str,
-    namespace: str,
-    command: list[str],
-    env: dict[str, str],
-    gpu_count: int,
-    node_selector: dict[str, str],
-    tolerations: list[dict],
-    artifact_claim: str,
-    service_account: str,
-    resources: dict,
-    ttl_seconds_after_finished: int = 3600,
-    backoff_limit: int = 1,
-    labels: Mapping[str, str] | None = None,
-    active_deadline_seconds: int | None = None,
-) -> dict:
-    """The ``batch/v1`` Job manifest that trains one candidate.
-
-    The container runs ``command`` on ``image`` with ``env`` plus ``ISPLIT_CANDIDATE_JSON``
-    (the candidate message), ``ISPLIT_CANDIDATE_ID`` and ``ISPLIT_ANALYSIS_ID``; the artifact
-    claim is mounted at ``env["ISPLIT_ARTIFACT_ROOT"]`` (default ``/var/lib/isplit/artifacts``).
-    ``resources`` are Kubernetes requests/limits; ``gpu_count > 0`` adds ``nvidia.com/gpu`` to
-    the limits. ``labels`` (e.g. the chart's selector labels) are added to the Job and its pod.
-    The pod meets Pod Security "restricted": non-root, RuntimeDefault seccomp, no capabilities,
-    read-only root filesystem with writable ``/tmp`` and ``/dev/shm``, no API token.
-    """
-    if gpu_count < 0:
-        raise ValueError(f"gpu_count must be >= 0, got {gpu_count}")
-    if not command:
-        raise ValueError("command must name the program the Job runs")
-    if not artifact_claim:
-        raise ValueError("artifact_claim must name the artifact PersistentVolumeClaim")
-    artifact_root = env.get("ISPLIT_ARTIFACT_ROOT", DEFAULT_ARTIFACT_ROOT)
-
-    name = job_name(candidate_id)
-    pod_labels = {
-        "app.kubernetes.io/name": "isplit",
-        "app.kubernetes.io/component": "training-job",
-        "app.kubernetes.io/part-of": "isplit",
-        **dict(labels or {}),
-        "app.kubernetes.io/managed-by": "isplit-trainer",
-        CANDIDATE_ID_LABEL: label_value(candidate_id),
-        ANALYSIS_ID_LABEL: label_value(analysis_id),
+def _candidate_job_fields(candidate_id: str, analysis_id: str, candidate_json: str) -> tuple[dict, dict[str, str]]:
+    """The Job's name, labels and container (``isplit.k8s.build_job`` keywords) and its env."""
+    fields = {
+        "name": job_name(candidate_id),
+        "component": "training-job",
+        "managed_by": "isplit-trainer",
+        "ids": {CANDIDATE_ID_LABEL: candidate_id, ANALYSIS_ID_LABEL: analysis_id},
+        "container_name": "trainer",
     }
-    annotations = {CANDIDATE_ID_LABEL: candidate_id, ANALYSIS_ID_LABEL: analysis_id}
-
-    container_resources = copy.deepcopy(resources) if resources else {}
-    if gpu_count > 0:
-        container_resources.setdefault("limits", {})[GPU_RESOURCE] = str(gpu_count)
-
-    container_env = [{"name": key, "value": str(value)} for key, value in sorted(env.items())]
-    container_env += [
-        {"name": "ISPLIT_ARTIFACT_ROOT", "value": artifact_root},
-        {"name": "ISPLIT_CANDIDATE_ID", "value": candidate_id},
-        {"name": "ISPLIT_ANALYSIS_ID", "value": analysis_id},
-        {"name": CANDIDATE_JSON_ENV, "value": candidate_json},
-        # Caches somewhere writable: the root filesystem is read-only.
-        {"name": "HOME", "value": "/tmp"},
-        {"name": "XDG_CACHE_HOME", "value": "/tmp/.cache"},
-        {"name": "MPLCONFIGDIR", "value": "/tmp/matplotlib"},
-        {"name": "PYTHONUNBUFFERED", "value": "1"},
-    ]
-    # Later entries win: drop earlier duplicates of names the Job sets itself.
-    seen: set[str] = set()
-    deduped = []
-    for item in reversed(container_env):
-        if item["name"] not in seen:
-            seen.add(item["name"])
-            deduped.append(item)
-    container_env = list(reversed(deduped))
-
-    container = {
-        "name": "trainer",
-        "image": image,
-        "imagePullPolicy": "IfNotPresent",
-        "command": list(command),
-        "env": container_env,
-        "resources": container_resources,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": RUN_AS_USER,
-            "runAsGroup": RUN_AS_GROUP,
-            "allowPrivilegeEscalation": False,
-            "privileged": False,
-            "readOnlyRootFilesystem": True,
-            "capabilities": {"drop": ["ALL"]},
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
-        "terminationMessagePolicy": "FallbackToLogsOnError",
-        "volumeMounts": [
-            {"name": "artifacts", "mountPath": artifact_root},
-            {"name": "tmp", "mountPath": "/tmp"},
-            {"name": "dshm", "mountPath": "/dev/shm"},
-        ],
-    }
-    pod_spec: dict[str, Any] = {
-        "restartPolicy": "Never",
-        "serviceAccountName": service_account,
-        "automountServiceAccountToken": False,
-        "enableServiceLinks": False,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": RUN_AS_USER,
-            "runAsGroup": RUN_AS_GROUP,
-            "fsGroup": RUN_AS_GROUP,
-            "fsGroupChangePolicy": "OnRootMismatch",
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
-        "containers": [container],
-        "volumes": [
-            {"name": "artifacts", "persistentVolumeClaim": {"claimName": artifact_claim}},
-            {"name": "tmp", "emptyDir": {"sizeLimit": "4Gi"}},
-            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}},
-        ],
-    }
-    if node_selector:
-        pod_spec["nodeSelector"] = dict(node_selector)
-    if tolerations:
-        pod_spec["tolerations"] = copy.deepcopy(list(tolerations))
-
-    spec: dict[str, Any] = {
-        "backoffLimit": backoff_limit,
-        "ttlSecondsAfterFinished": ttl_seconds_after_finished,
-        "template": {"metadata": {"labels": dict(pod_labels), "annotations": dict(annotations)}, "spec": pod_spec},
-    }
-    if active_deadline_seconds is not None:
-        spec["activeDeadlineSeconds"] = active_deadline_seconds
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {"name": name, "namespace": namespace, "labels": pod_labels, "annotations": annotations},
-        "spec": spec,
-    }
+    env = {"ISPLIT_CANDIDATE_ID": candidate_id, "ISPLIT_ANALYSIS_ID": analysis_id, CANDIDATE_JSON_ENV: candidate_json}
+    return fields, env
 
 
-class JobTemplate(BaseModel):
-    """Everything cluster-specific about a training Job; the chart renders it as JSON into
-    ``ISPLIT_TRAINER_JOB_TEMPLATE``. Field names are :func:`build_job`'s keywords."""
+def build_job(*, candidate_id: str, analysis_id: str, candidate_json: str, env: dict[str, str], **kwargs: Any) -> dict:
+    """The ``batch/v1`` Job manifest that trains one candidate (``isplit.k8s.build_job``): the
+    container gets ``env`` plus ``ISPLIT_CANDIDATE_JSON`` (the candidate message),
+    ``ISPLIT_CANDIDATE_ID`` and ``ISPLIT_ANALYSIS_ID``; the other keywords are
+    ``isplit.k8s.build_job``'s."""
+    fields, ids_env = _candidate_job_fields(candidate_id, analysis_id, candidate_json)
+    return k8s.build_job(**fields, env={**env, **ids_env}, **kwargs)
 
-    model_config = ConfigDict(extra="forbid")
 
-    image: str
-    namespace: str
-    command: list[str] = Field(min_length=1)
-    env: dict[str, str] = Field(default_factory=dict)
-    gpu_count: int = Field(default=0, ge=0)
-    node_selector: dict[str, str] = Field(default_factory=dict)
-    tolerations: list[dict] = Field(default_factory=list)
-    artifact_claim: str
-    service_account: str
-    resources: dict = Field(default_factory=dict)
-    ttl_seconds_after_finished: int = Field(default=3600, ge=0)
-    backoff_limit: int = Field(default=1, ge=0)
-    labels: dict[str, str] = Field(default_factory=dict)
-    timeout_seconds: int = Field(default=7200, gt=0, description="seconds to wait for a Job")
-
-    @classmethod
-    def from_json(cls, text: str) -> JobTemplate:
-        """Parse the JSON the chart renders (raises ``pydantic.ValidationError`` naming the bad field)."""
-        return cls.model_validate(json.loads(text))
+class JobTemplate(k8s.JobTemplate):
+    """The chart's ``ISPLIT_TRAINER_JOB_TEMPLATE`` (see ``isplit.k8s.JobTemplate``)."""
 
     def build(self, *, candidate_id: str, analysis_id: str, candidate_json: str) -> dict:
         """The Job for one candidate (see :func:`build_job`); its deadline is the timeout."""
-        fields = self.model_dump(exclude={"timeout_seconds"})
-        return build_job(
-            candidate_id=candidate_id,
-            analysis_id=analysis_id,
-            candidate_json=candidate_json,
-            active_deadline_seconds=self.timeout_seconds,
-            **fields,
-        )
-
-
-@dataclass(frozen=True)
-class JobOutcome:
-    """How a training Job ended. ``status``: succeeded, failed or timed_out; ``reason`` and
-    ``message`` from the Job's condition (or the timeout); ``log_tail`` the last lines of the
-    failed pod's log ("" when unavailable)."""
-
-    job_name: str
-    status: Literal["succeeded", "failed", "timed_out"]
-    reason: str = ""
-    message: str = ""
-    log_tail: str = ""
-
-    @property
-    def succeeded(self) -> bool:
-        return self.status == "succeeded"
-
-
-def job_outcome(job: Mapping[str, Any]) -> JobOutcome | None:
-    """The outcome of a Job from its status (a manifest dict), or None while it still runs.
-
-    A Job has finished when its ``Complete`` or ``Failed`` condition is ``True`` (Kubernetes
-    1.31+ also sets ``SuccessCriteriaMet``/``FailureTarget`` first; those count as well).
-    """
-    name = job.get("metadata", {}).get("name", "")
-    status = job.get("status") or {}
-    for condition in status.get("conditions") or []:
-        if str(condition.get("status")) != "True":
-            continue
-        kind = condition.get("type")
-        reason = condition.get("reason") or ""
-        message = condition.get("message") or ""
-        if kind in ("Complete", "SuccessCriteriaMet"):
-            return JobOutcome(name, "succeeded", reason, message)
-        if kind in ("Failed", "FailureTarget"):
-            return JobOutcome(name, "failed", reason, message)
-    return None
+        fields, ids_env = _candidate_job_fields(candidate_id, analysis_id, candidate_json)
+        return self.job(env=ids_env, **fields)
 
 
 class KubernetesExecutor:
-    """Runs candidates as Jobs through the Kubernetes API (in-cluster config, else kubeconfig).
+    """Runs candidates as Jobs (``isplit.k8s.KubernetesJobs``; the permissions it needs are there)."""
 
-    Needs, in the Job namespace: ``jobs`` create/get/list/watch/delete, ``pods`` list and
-    ``pods/log`` get (the chart's Role grants exactly that).
-    """
-
-    def __init__(
-        self,
-        template: JobTemplate,
-        *,
-        batch_api: Any = None,
-        core_api: Any = None,
-        clock: Callable[[], float] = time.monotonic,
-        log_lines: int = 40,
-    ) -> None:
+    def __init__(self, template: JobTemplate, **kwargs: Any) -> None:
         self.template = template
-        self._batch = batch_api
-        self._core = core_api
-        self._clock = clock
-        self._log_lines = log_lines
+        self.jobs = KubernetesJobs(**kwargs)
 
     @classmethod
     def from_template_json(cls, text: str, **kwargs: Any) -> KubernetesExecutor:
         return cls(JobTemplate.from_json(text), **kwargs)
-
-    def _apis(self) -> tuple[Any, Any]:
-        if self._batch is None or self._core is None:
-            from kubernetes import client, config
-
-            try:
-                config.load_incluster_config()
-            except config.ConfigException:
-                config.load_kube_config()
-            self._batch = self._batch or client.BatchV1Api()
-            self._core = self._core or client.CoreV1Api()
-        return self._batch, self._core
 
     def run(
         self,
@@ -337,101 +93,7 @@ class KubernetesExecutor:
         that times out is deleted with its pods. When ``should_stop()`` turns true (SIGTERM)
         the wait is abandoned (``isplit.retrain.Abandoned``) and the Job left running: the
         trainer that gets the candidate next adopts it, so its result is published once."""
-        from kubernetes.client.exceptions import ApiException
-
-        batch, _ = self._apis()
         manifest = self.template.build(
             candidate_id=candidate_id, analysis_id=analysis_id, candidate_json=candidate_json
         )
-        name, namespace = manifest["metadata"]["name"], manifest["metadata"]["namespace"]
-        try:
-            batch.create_namespaced_job(namespace=namespace, body=manifest)
-        except ApiException as exc:
-            if exc.status != 409:  # 409: this candidate's Job exists already; wait for it
-                raise
-        outcome = self.wait(name, namespace, timeout_seconds=self.template.timeout_seconds, should_stop=should_stop)
-        if outcome.status == "failed":
-            outcome = JobOutcome(
-                outcome.job_name, outcome.status, outcome.reason, outcome.message, self._log_tail(name, namespace)
-            )
-        return outcome
-
-    def wait(
-        self,
-        name: str,
-        namespace: str,
-        *,
-        timeout_seconds: float,
-        should_stop: Callable[[], bool] | None = None,
-    ) -> JobOutcome:
-        """Watch Job ``name`` until it finishes; after ``timeout_seconds`` delete it and report
-        ``timed_out``. ``should_stop`` is polled at least every ``STOP_POLL_SECONDS``."""
-        from kubernetes import watch
-        from kubernetes.client.exceptions import ApiException
-
-        from isplit.retrain import Abandoned
-
-        batch, _ = self._apis()
-        deadline = self._clock() + timeout_seconds
-        watch_cap = STOP_POLL_SECONDS if should_stop is not None else 300
-        while True:
-            if should_stop is not None and should_stop():
-                raise Abandoned(f"stopped while waiting for Job {name}")
-            current = batch.read_namespaced_job(name=name, namespace=namespace)
-            outcome = job_outcome(_as_dict(batch, current))
-            if outcome is not None:
-                return outcome
-            remaining = deadline - self._clock()
-            if remaining <= 0:
-                self._delete(name, namespace)
-                return JobOutcome(name, "timed_out", "Timeout", f"no result after {timeout_seconds:.0f} s")
-            stream = watch.Watch().stream(
-                batch.list_namespaced_job,
-                namespace=namespace,
-                field_selector=f"metadata.name={name}",
-                resource_version=current.metadata.resource_version,
-                timeout_seconds=max(1, min(int(remaining), watch_cap)),
-            )
-            try:
-                for event in stream:
-                    if event["type"] == "DELETED":
-                        return JobOutcome(name, "failed", "Deleted", "the Job was deleted before it finished")
-                    outcome = job_outcome(_as_dict(batch, event["object"]))
-                    if outcome is not None:
-                        return outcome
-            except ApiException as exc:
-                if exc.status != 410:  # 410 Gone: the resource version expired; read again
-                    raise
-
-    def _delete(self, name: str, namespace: str) -> None:
-        from kubernetes.client.exceptions import ApiException
-
-        batch, _ = self._apis()
-        try:
-            batch.delete_namespaced_job(name=name, namespace=namespace, propagation_policy="Background")
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
-
-    def _log_tail(self, name: str, namespace: str) -> str:
-        """The last lines of the newest pod of the Job, "" when they cannot be read."""
-        from kubernetes.client.exceptions import ApiException
-
-        _, core = self._apis()
-        try:
-            pods = core.list_namespaced_pod(namespace=namespace, label_selector=f"job-name={name}").items
-            if not pods:
-                return ""
-            newest = max(pods, key=lambda pod: pod.metadata.creation_timestamp)
-            return core.read_namespaced_pod_log(
-                name=newest.metadata.name, namespace=namespace, tail_lines=self._log_lines
-            )
-        except ApiException:
-            return ""
-
-
-def _as_dict(api: Any, obj: Any) -> dict:
-    """A client model object as a manifest-shaped dict (camelCase keys)."""
-    if isinstance(obj, dict):
-        return obj
-    return api.api_client.sanitize_for_serialization(obj)
+        return self.jobs.run(manifest, timeout_seconds=self.template.timeout_seconds, should_stop=should_stop)
