@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -49,12 +50,15 @@ def run_analysis(
     device: str | None = None,
     split: str = "test",
     progress: bool | Callable[[int], None] = False,
+    model_meta: Any = None,
 ) -> AnalysisResult:
     """Analyse the checkpoint ``weights`` on ``dataset`` (a spec string or a parsed reference).
 
     ``classes`` are indices or names (None = all); ``max_images`` caps the analysed images
     (a stratified, seeded slice); errors a user can cause raise ``IsplitError``. The whole
     selection is one shard (``isplit.shards``): a sharded run merges into the same result.
+    ``model_meta`` gives a torch.export program's class names and normalisation
+    (``isplit.exported.ProgramMeta``); a program without class names takes the dataset's.
     """
     whole = run_shard(
         weights,
@@ -67,6 +71,7 @@ def run_analysis(
         device=pick_device(device),
         split=split,
         progress=progress,
+        model_meta=model_meta,
     )
     return result_from_stats(whole)
 

@@ -87,11 +87,21 @@ def read_checkpoint(path: Path) -> tuple[ModelInfo | None, dict[str, torch.Tenso
     raise IsplitError(f"weights file {path} is neither an isplit checkpoint nor a state_dict")
 
 
-def load_model(path: Path, *, arch: str | None = None) -> tuple[nn.Module, ModelInfo]:
+def load_model(path: Path, *, arch: str | None = None, meta: Any = None) -> tuple[nn.Module, ModelInfo]:
     """Rebuild the model recorded in a checkpoint and load its weights (eval mode).
 
-    ``arch``, when given, must match the checkpoint's (a clear error otherwise).
+    ``arch``, when given, must match the checkpoint's (a clear error otherwise). A
+    ``torch.export`` program (``.pt2``) is loaded by :mod:`isplit.exported` (arch
+    ``"exported"``), with ``meta`` (an ``isplit.exported.ProgramMeta``) as its optional class
+    names and normalisation.
     """
+    from isplit import exported
+
+    if Path(path).is_file() and exported.is_exported_program(Path(path)):
+        model, info = exported.load_exported(Path(path), meta)
+        if arch is not None and arch != info.arch:
+            raise IsplitError(f"weights file {path} holds a torch.export program (arch {info.arch!r}), not {arch!r}")
+        return model, info
     info, state = read_checkpoint(path)
     if info is None:
         raise IsplitError(

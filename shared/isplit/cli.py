@@ -109,6 +109,34 @@ def cmd_cuts(args: argparse.Namespace) -> int:
     return 0
 
 
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        return [float(t) for t in _csv(text)]
+    except ValueError:
+        raise IsplitError(f"{flag} must be comma-separated numbers, got {text!r}") from None
+
+
+def _program_meta(args: argparse.Namespace) -> object:
+    """``--class-names``/``--mean``/``--std`` as an ``isplit.exported.ProgramMeta`` (None when
+    none is given); they apply to torch.export programs (``.pt2``) only."""
+    given = {
+        k: v
+        for k, v in {
+            "class_names": _csv(args.class_names) if args.class_names else None,
+            "mean": _floats(args.mean, "--mean") if args.mean else None,
+            "std": _floats(args.std, "--std") if args.std else None,
+        }.items()
+        if v is not None
+    }
+    if not given:
+        return None
+    from isplit.exported import ProgramMeta, is_exported_program
+
+    if not is_exported_program(Path(args.weights)):
+        raise IsplitError("--class-names, --mean and --std apply to torch.export programs (.pt2) only")
+    return ProgramMeta(**given)
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     from isplit.analysis import result_from_stats, run_analysis
     from isplit.shards import INDEX_ENV, load_stats, merge, run_shard, run_shards, save_stats
@@ -131,6 +159,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         "max_images": args.max_images,
         "batch_size": args.batch_size,
         "target": args.target,
+        "model_meta": _program_meta(args),
     }
     if args.shard_index is not None:  # one shard, for an external scheduler
         shard = run_shard(Path(args.weights), args.dataset, index=args.shard_index, count=args.shards,
@@ -186,6 +215,14 @@ def _report(result: AnalysisResult, out: Path, as_json: bool) -> int:
     return 0
 
 
+def cmd_export_head(args: argparse.Namespace) -> int:
+    from isplit.export import export_head
+
+    out = export_head(Path(args.candidate_dir), args.format)
+    print(f"wrote {out} ({out.stat().st_size} bytes); recorded in {out.parent / 'head.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="isplit", description="I-SPLIT split computing: analyse, train, serve, call.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -209,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cuts = sub.add_parser("cuts", help="list the single-tensor cut points of a model")
     cuts.add_argument("--arch")
-    cuts.add_argument("--weights")
+    cuts.add_argument("--weights", help="an isplit checkpoint or a torch.export program (.pt2)")
     cuts.add_argument("--num-classes", type=int, default=10)
     cuts.add_argument("--in-channels", type=int, default=3)
     cuts.add_argument("--input-size", type=int, default=224)
@@ -218,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     an = sub.add_parser("analyze", help="I-SPLIT importance curve, candidates and plots")
     an.add_argument("--arch", help="checked against the checkpoint")
-    an.add_argument("--weights", help="(required)")
+    an.add_argument("--weights", help="(required) an isplit checkpoint or a torch.export program (.pt2)")
     an.add_argument("--dataset", help="(required)")
     an.add_argument("--classes", help="comma-separated class indices or names (default: all)")
     an.add_argument("--max-images", type=int, default=1000)
@@ -232,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--shard-index", type=_non_negative, help="compute only this shard (default: $JOB_COMPLETION_INDEX)"
     )
     an.add_argument("--stats-out", help="with --shard-index: write the shard's stats (.npz) here")
+    an.add_argument("--class-names", help=".pt2 programs: comma-separated names (default: the dataset's)")
+    an.add_argument("--mean", help=".pt2 programs: per-channel mean of [0, 1] pixels (default: none)")
+    an.add_argument("--std", help=".pt2 programs: per-channel std of [0, 1] pixels (default: none)")
     an.set_defaults(func=cmd_analyze, parser=an)
     # `isplit analyze merge ...` beside `isplit analyze --weights ...`: an optional sub-command.
     an_sub = an.add_subparsers(dest="analyze_command", parser_class=_Parser, metavar="{merge}")
@@ -240,6 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", required=True)
     merge.add_argument("--json", action="store_true", help="also print result.json to stdout")
     merge.set_defaults(func=cmd_analyze_merge)
+
+    eh = sub.add_parser("export-head", help="write a trained candidate's head as ONNX, TorchScript or ExecuTorch")
+    eh.add_argument("candidate_dir", help="the candidate's folder (head.json and head.pt2, as the trainer writes)")
+    eh.add_argument("--format", required=True, choices=["onnx", "torchscript", "executorch"])
+    eh.set_defaults(func=cmd_export_head)
 
     for name in _PLUGINS:
         try:

@@ -88,7 +88,7 @@ def _single_tensor_cuts(module: nn.Module, prefix: str) -> list[tuple[str, bool]
         inner: list[tuple[str, bool]] = []
         if enters_alone and len(list(child.children())) > 0:
             inner = _single_tensor_cuts(child, name + ".")
-        if isinstance(child, nn.Sequential):
+        if _is_sequential(child):
             # A container's output is its last child's: name the innermost layer.
             found += [(n, inner_out and is_output) for n, inner_out in inner if not inner_out or single_after]
         else:
@@ -96,6 +96,24 @@ def _single_tensor_cuts(module: nn.Module, prefix: str) -> list[tuple[str, bool]
             if single_after:
                 found.append((name, is_output))
     return found
+
+
+def _is_sequential(module: nn.Module) -> bool:
+    return (
+        isinstance(module, nn.Sequential)
+        or getattr(module, "original_type", "") == "torch.nn.modules.container.Sequential"
+    )
+
+
+def _kind_and_skipped(module: nn.Module) -> tuple[str, bool]:
+    """The layer's class name and whether its output is skipped in curves; a layer of a
+    torch.export program (``isplit.exported``) answers by its original class."""
+    original = getattr(module, "original_type", "")
+    if original:
+        from isplit.exported import is_skipped_type
+
+        return original.rsplit(".", 1)[-1], is_skipped_type(original, SKIPPED_TYPES)
+    return type(module).__name__, isinstance(module, SKIPPED_TYPES)
 
 
 def find_cut_points(model: nn.Module, input_shape: tuple[int, int, int]) -> list[CutPoint]:
@@ -109,13 +127,13 @@ def find_cut_points(model: nn.Module, input_shape: tuple[int, int, int]) -> list
     shapes = _output_shapes(model, names, input_shape)
     points = []
     for name in names:
-        module = model.get_submodule(name)
+        kind, skipped = _kind_and_skipped(model.get_submodule(name))
         shape = shapes[name]
         points.append(
             CutPoint(
                 module=name,
-                kind=type(module).__name__,
-                skipped=isinstance(module, SKIPPED_TYPES),
+                kind=kind,
+                skipped=skipped,
                 output_shape=shape,
                 output_bytes=4 * _numel(shape),
             )

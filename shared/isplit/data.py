@@ -190,14 +190,16 @@ class DatasetRef:
         return list(names) if names is not None else None
 
     def load(self, split: str, *, in_channels: int | None = None) -> ImageSet:
-        """The ``split`` ("train" or "test"); ``in_channels`` applies to image folders (default 3),
-        the built-in datasets are grayscale."""
+        """The ``split`` ("train" or "test"); ``in_channels`` applies to image folders (default 3);
+        the built-in datasets are grayscale, repeated to three channels when 3 are asked for (a
+        model brought as an RGB torch.export program)."""
         if split not in ("train", "test"):
             raise IsplitError(f"split must be 'train' or 'test', got {split!r}")
-        if self.name == "fashion-mnist":
-            return _fashion_mnist(split)
-        if self.name == "digits":
-            return _digits(split)
+        if self.name in ("fashion-mnist", "digits"):
+            data = _fashion_mnist(split) if self.name == "fashion-mnist" else _digits(split)
+            if in_channels == 3:
+                data = ImageSet(data.images.expand(-1, 3, -1, -1).contiguous(), data.labels, data.class_names)
+            return data
         assert self.folder is not None
         return _imagefolder(self.folder, split, in_channels or 3)
 

@@ -1,6 +1,7 @@
 """The edge client: run the head on the device, send the bottleneck code to the tail.
 
-``EdgeClient`` loads an exported head (``head.pt`` + ``head.json``), preprocesses image files
+``EdgeClient`` loads an exported head (``head.pt`` for torch, ``head.onnx`` for ONNX Runtime,
+``head.json`` beside it), preprocesses image files
 exactly as in training, runs the head, encodes the code with the wire format, POSTs it to the
 tail's TorchServe endpoint (timeout and retries) and returns predictions with a timing
 breakdown. ``isplit edge predict`` is its command line; ``isplit edge profile`` measures this
@@ -66,6 +67,7 @@ class EdgeClient:
         encoding: str = "fp16",
         timeout_s: float = 10,
         retries: int = 2,
+        runtime: str = "torch",
         inference_key: str | None = None,
     ) -> None:
         if encoding not in wire.ENCODINGS:
@@ -83,14 +85,10 @@ class EdgeClient:
         missing = [k for k in _HEAD_KEYS if not isinstance(self.meta, dict) or k not in self.meta]
         if missing:
             raise IsplitError(f"head metadata {meta_path} lacks {', '.join(missing)}")
-        try:
-            with warnings.catch_warnings():
-                # torch deprecates torch.jit, but TorchScript is the head's contract (CONTRACTS.md).
-                warnings.filterwarnings("ignore", message=r"`torch\.jit", category=FutureWarning)
-                self.head = torch.jit.load(str(head_path), map_location="cpu").eval()
-        except (RuntimeError, ValueError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise IsplitError(f"head {head_path} is not a TorchScript module: {first[:200]}") from exc
+        if runtime not in RUNTIMES:
+            raise IsplitError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+        self.runtime = runtime
+        self.head = _load_torchscript(head_path) if runtime == "torch" else OnnxHead(head_path, self.meta)
         self.endpoint, self.encoding, self.timeout_s, self.retries = endpoint, encoding, timeout_s, retries
         self.session = requests.Session()
         if inference_key:
@@ -170,6 +168,52 @@ class EdgeClient:
         raise IsplitError(f"tail at {self.endpoint} unreachable after {tries}: {problem}")
 
 
+RUNTIMES = ("torch", "onnxruntime")
+
+
+def _load_torchscript(head_path: Path) -> torch.jit.ScriptModule:
+    if head_path.suffix == ".onnx":
+        head_path = head_path.with_suffix(".pt")
+    try:
+        with warnings.catch_warnings():
+            # torch deprecates torch.jit, but TorchScript is the head's contract (CONTRACTS.md).
+            warnings.filterwarnings("ignore", message=r"`torch\.jit", category=FutureWarning)
+            return torch.jit.load(str(head_path), map_location="cpu").eval()
+    except (RuntimeError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise IsplitError(f"head {head_path} is not a TorchScript module: {first[:200]}") from exc
+
+
+class OnnxHead:
+    """The head's ONNX export run by ONNX Runtime (CPU): ``(N, C, S, S)`` float32 tensor in,
+    code tensor out, like the TorchScript head. Uses ``head.onnx`` beside ``head_path`` and
+    checks it against the SHA-256 that ``head.json`` records."""
+
+    def __init__(self, head_path: Path, meta: dict) -> None:
+        try:
+            import onnxruntime
+        except ImportError:
+            raise IsplitError("runtime onnxruntime needs the `onnxruntime` package (pip install onnxruntime)") from None
+        from isplit.checkpoint import sha256_file
+
+        entry = (meta.get("artifacts") or {}).get("onnx") or {}
+        path = head_path if head_path.suffix == ".onnx" else head_path.with_name(str(entry.get("file", "head.onnx")))
+        path = head_path.with_name(path.name)  # only a file beside head.json
+        if not path.is_file():
+            raise IsplitError(f"no ONNX head {path} (write one with `isplit export-head --format onnx`)")
+        if entry.get("sha256") and sha256_file(path) != entry["sha256"]:
+            raise IsplitError(f"ONNX head {path} does not match the checksum recorded in head.json")
+        try:
+            self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise IsplitError(f"ONNX head {path} cannot be loaded: {str(exc)[:200]}") from None
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.session.run(None, {self.input_name: x.detach().cpu().numpy().astype("float32", copy=False)})
+        return torch.from_numpy(out[0])
+
+
 def load_images(
     paths: list[Path], *, in_channels: int, input_size: int, mean: list[float], std: list[float]
 ) -> torch.Tensor:
@@ -217,6 +261,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         encoding=args.encoding,
         timeout_s=args.timeout,
         retries=args.retries,
+        runtime=args.runtime,
         inference_key=args.inference_key,
     ) as client:
         full = info = None
@@ -237,6 +282,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         top = ", ".join(f"{p['name']} {p['probability']:.3f}" for p in preds)
         flag = "" if agree is None else ("  (full model agrees)" if agree[i] else "  (full model DISAGREES)")
         print(f"{path}: {top}{flag}")
+    print(f"head run with {args.runtime}")
     print(
         f"head {out.head_ms:.1f} ms | encode {out.encode_ms:.2f} ms ({args.encoding}) | sent {out.bytes_sent} B | "
         f"network+tail {out.network_tail_ms:.1f} ms | total {out.total_ms:.1f} ms"
@@ -276,10 +322,11 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 def register_cli(sub: argparse._SubParsersAction) -> None:
     edge = sub.add_parser("edge", help="the edge client").add_subparsers(dest="edge_command", required=True)
     p = edge.add_parser("predict", help="run the head here, the tail on the server")
-    p.add_argument("--head", required=True, help="head.pt exported by the trainer (head.json beside it)")
+    p.add_argument("--head", required=True, help="head.pt or head.onnx exported by the trainer (head.json beside it)")
     p.add_argument("--endpoint", required=True, help="the tail's URL, e.g. http://127.0.0.1:8080/predictions/NAME")
     p.add_argument("--encoding", default="fp16", help=f"wire encoding: {', '.join(wire.ENCODINGS)}")
     p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--runtime", default="torch", choices=RUNTIMES, help="run head.pt (torch) or head.onnx")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per request attempt")
     p.add_argument("--retries", type=int, default=2, help="extra attempts on connection errors, timeouts and 5xx")
     p.add_argument(

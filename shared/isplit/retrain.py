@@ -28,6 +28,7 @@ from isplit.cuts import find_cut_points, split_at
 from isplit.data import ImageSet
 from isplit.messages import BottleneckSpec, SplitCandidate, TrainingResult
 from isplit.plan import layer_flops
+from isplit.plan.costs import flop_layer_kind
 from isplit.training import evaluate, seed_everything
 from isplit.wire import payload_nbytes
 
@@ -99,11 +100,7 @@ def count_flops(module: nn.Module, example: torch.Tensor) -> int:
     def hook(m: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
         total[0] += layer_flops(m, inp[0], out)
 
-    handles = [
-        m.register_forward_hook(hook)
-        for m in module.modules()
-        if isinstance(m, nn.Conv2d | nn.ConvTranspose2d | nn.Linear)
-    ]
+    handles = [m.register_forward_hook(hook) for m in module.modules() if flop_layer_kind(m) is not None]
     try:
         with torch.no_grad():
             module(example)

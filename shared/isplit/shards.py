@@ -34,6 +34,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,6 +44,7 @@ from isplit import IsplitError
 from isplit.checkpoint import ModelInfo, load_model, sha256_file
 from isplit.cuts import CutPoint
 from isplit.data import DatasetRef, ImageSet, resolve_classes
+from isplit.exported import with_dataset_names
 from isplit.importance import ImportanceStats, Target, accumulate_importance
 from isplit.plan import CostProfile, cut_costs
 
@@ -151,11 +153,12 @@ def load_selection(
     classes: Sequence[str | int] | None = None,
     max_images: int | None = 1000,
     split: str = "test",
+    model_meta: Any = None,
 ) -> Selection:
     """Load the checkpoint and the analysed images (a stratified, seeded slice of at most
     ``max_images`` of ``classes``); ``IsplitError`` when they do not fit each other."""
     ref, spec = (dataset, dataset.spec) if isinstance(dataset, DatasetRef) else (DatasetRef.parse(dataset), dataset)
-    model, info = load_model(weights, arch=arch)
+    model, info = load_model(weights, arch=arch, meta=model_meta)
     data = ref.load(split, in_channels=info.in_channels)
     if data.in_channels != info.in_channels:
         raise IsplitError(f"dataset {spec!r} has {data.in_channels} channels, the model expects {info.in_channels}")
@@ -163,6 +166,7 @@ def load_selection(
         raise IsplitError(
             f"dataset {spec!r} has {len(data.class_names)} classes, the model was trained on {info.num_classes}"
         )
+    info = with_dataset_names(info, data.class_names)  # a program uploaded without names
     subset = resolve_classes(classes, data.class_names)
     return Selection(model, info, spec, data.subset(subset, max_images), subset)
 
@@ -181,11 +185,14 @@ def run_shard(
     device: str | torch.device = "cpu",
     split: str = "test",
     progress: bool | Callable[[int], None] = False,
+    model_meta: Any = None,
 ) -> ShardStats:
     """Analyse shard ``index`` of ``count`` of the selection (see :func:`shard_bounds`); 0 of 1
     is the whole selection. ``progress`` gets the images of this shard done so far."""
     t_load = time.perf_counter()
-    sel = load_selection(weights, dataset, arch=arch, classes=classes, max_images=max_images, split=split)
+    sel = load_selection(
+        weights, dataset, arch=arch, classes=classes, max_images=max_images, split=split, model_meta=model_meta
+    )
     load_seconds = time.perf_counter() - t_load
     total = len(sel.data)
     start, stop = shard_bounds(total, count, index, align=batch_size)

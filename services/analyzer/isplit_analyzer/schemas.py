@@ -119,6 +119,17 @@ class AnalysisSummary(BaseModel):
     per_class_best: dict[str, str] = Field(description="class index -> that class's best cut")
 
 
+class HeadArtifact(BaseModel):
+    """One exported file of a trained head, fetched with ``url``."""
+
+    format: str = Field(description="torchscript | onnx | executorch | program (torch.export, .pt2)")
+    file: str
+    bytes: int
+    sha256: str | None = None
+    opset: int | None = Field(default=None, description="ONNX opset (onnx only)")
+    url: str
+
+
 class CandidateView(BaseModel):
     candidate_id: str
     cut: str
@@ -129,6 +140,7 @@ class CandidateView(BaseModel):
     output_bytes: int
     published: bool
     measured: dict[str, Any] | None = None
+    head_artifacts: list[HeadArtifact] = Field(default_factory=list, description="the trained head, per format")
 
 
 class Correlation(BaseModel):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
 from isplit.analysis import load_result
+from isplit.export import HEAD_FORMATS, PROGRAM_FILE
 from isplit.plan import (
     DEFAULT_DEPLOYMENT,
     DeploymentSpec,
@@ -21,6 +23,7 @@ from isplit_analyzer.schemas import (
     AnalysisView,
     CandidateView,
     Correlation,
+    HeadArtifact,
     ModelView,
     PointView,
     Progress,
@@ -78,7 +81,47 @@ def correlation(rows: list[CandidateRow]) -> Correlation | None:
     )
 
 
-def candidate_view(row: CandidateRow) -> CandidateView:
+HEAD_FILES = {**HEAD_FORMATS, "program": PROGRAM_FILE}  # format -> file name in the candidate's folder
+
+
+def head_artifact_path(artifact_root: Path, candidate_id: str, fmt: str) -> Path | None:
+    """The candidate's head file of format ``fmt`` (derived from the stored id and the fixed
+    file names, never from request strings), or None when unknown or not written."""
+    name = HEAD_FILES.get(fmt)
+    if name is None:
+        return None
+    path = artifact_root / "candidates" / candidate_id / name
+    return path if path.is_file() else None
+
+
+def head_artifacts(row: CandidateRow, artifact_root: Path) -> list[HeadArtifact]:
+    """The head files the trainer wrote for a measured candidate, with sizes and checksums."""
+    if not row.result or row.result.get("status") != "succeeded":
+        return []
+    recorded: dict = {}
+    meta = artifact_root / "candidates" / row.candidate_id / "head.json"
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # listing works without head.json
+        recorded = json.loads(meta.read_text()).get("artifacts") or {}
+    found = []
+    for fmt in HEAD_FILES:
+        path = head_artifact_path(artifact_root, row.candidate_id, fmt)
+        if path is None:
+            continue
+        entry = recorded.get(fmt) if isinstance(recorded.get(fmt), dict) else {}
+        found.append(
+            HeadArtifact(
+                format=fmt,
+                file=path.name,
+                bytes=path.stat().st_size,
+                sha256=entry.get("sha256") if isinstance(entry.get("sha256"), str) else None,
+                opset=entry.get("opset") if isinstance(entry.get("opset"), int) else None,
+                url=f"/v1/analyses/{row.analysis_id}/candidates/{row.candidate_id}/head/{fmt}",
+            )
+        )
+    return found
+
+
+def candidate_view(row: CandidateRow, artifact_root: Path | None = None) -> CandidateView:
     return CandidateView(
         candidate_id=row.candidate_id,
         cut=row.cut,
@@ -89,6 +132,7 @@ def candidate_view(row: CandidateRow) -> CandidateView:
         output_bytes=row.output_bytes,
         published=row.published,
         measured=row.result,
+        head_artifacts=head_artifacts(row, artifact_root) if artifact_root is not None else [],
     )
 
 
@@ -113,7 +157,7 @@ def analysis_view(job: Job, rows: list[CandidateRow], artifact_root: Path, full:
         created_at=job.created_at,
         updated_at=job.updated_at,
         result=result,
-        candidates=[candidate_view(r) for r in rows],
+        candidates=[candidate_view(r, artifact_root if full else None) for r in rows],
         correlation=correlation(rows) if full else None,
         plot_url=plot_url,
     )

@@ -20,6 +20,7 @@ from isplit import torchserve as ts
 from isplit.checkpoint import load_model
 from isplit.data import DatasetRef
 from isplit.export import export_pair
+from isplit.exported import with_dataset_names
 from isplit.messages import MessageError, SplitCandidate, TrainingResult, resolve_under
 from isplit.retrain import retrain_split, training_result
 from isplit.training import pick_device
@@ -87,6 +88,7 @@ def train_candidate(
         test = dataset.load("test", in_channels=info.in_channels)
     except IsplitError as exc:
         raise CandidateError(str(exc)) from exc
+    info = with_dataset_names(info, train.class_names)
     cap = candidate.dataset.max_train_images or settings.trainer_max_train_images
     if cap:
         train = train.subset(None, cap)

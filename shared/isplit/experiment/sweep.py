@@ -44,6 +44,7 @@ from isplit.experiment.schema import (
     SweepConfig,
     SweepResult,
 )
+from isplit.exported import with_dataset_names
 from isplit.importance import (
     ImportanceCurve,
     ImportanceStats,
@@ -129,6 +130,7 @@ def _load_reference(cfg: SweepConfig, train: ImageSet) -> tuple[nn.Module, Model
     for name, given, saved in (("width", cfg.width, info.width), ("input-size", cfg.input_size, info.input_size)):
         if given is not None and given != saved:
             raise IsplitError(f"--{name} {given} contradicts the checkpoint {cfg.weights}, which has {saved}")
+    info = with_dataset_names(info, train.class_names)
     return model, info
 
 

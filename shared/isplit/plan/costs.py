@@ -28,18 +28,41 @@ ENCODINGS: tuple[Encoding, ...] = ("fp32", "fp16", "int8")
 # -- cost profile ---------------------------------------------------------------------------
 
 
+_FLOP_LAYERS: dict[str, type[nn.Module]] = {
+    "Conv2d": nn.Conv2d,
+    "ConvTranspose2d": nn.ConvTranspose2d,
+    "Linear": nn.Linear,
+}
+
+
+def flop_layer_kind(module: nn.Module) -> str | None:
+    """``"Conv2d"``, ``"ConvTranspose2d"`` or ``"Linear"`` for a layer whose FLOPs count (also a
+    layer of a torch.export program, by its original class), else None."""
+    for name, cls in _FLOP_LAYERS.items():
+        if isinstance(module, cls):
+            return name
+    original = getattr(module, "original_type", "")
+    name = original.rsplit(".", 1)[-1]
+    if original.startswith("torch.nn.modules.") and name in _FLOP_LAYERS and hasattr(module, "weight"):
+        return name
+    return None
+
+
 def layer_flops(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> int:
     """Forward FLOPs of one call of a conv, transposed conv or linear layer on a batch
     (2 x multiply-accumulates); 0 for any other layer (norms, activations, pooling are
-    memory-bound and left out, as usual in split-computing cost models)."""
-    if isinstance(module, nn.Conv2d):
-        macs = out.numel() * (module.in_channels // module.groups) * module.kernel_size[0] * module.kernel_size[1]
-    elif isinstance(module, nn.ConvTranspose2d):
-        macs = inp.numel() * (module.out_channels // module.groups) * module.kernel_size[0] * module.kernel_size[1]
-    elif isinstance(module, nn.Linear):
-        macs = out.numel() * module.in_features
-    else:
+    memory-bound and left out, as usual in split-computing cost models). The weight's shape
+    gives the fan-in, so layers of torch.export programs count too."""
+    kind = flop_layer_kind(module)
+    if kind is None:
         return 0
+    w = module.weight.shape
+    if kind == "Conv2d":  # weight (out, in / groups, kh, kw)
+        macs = out.numel() * w[1] * w[2] * w[3]
+    elif kind == "ConvTranspose2d":  # weight (in, out / groups, kh, kw)
+        macs = inp.numel() * w[1] * w[2] * w[3]
+    else:  # Linear: weight (out, in)
+        macs = out.numel() * w[1]
     return 2 * macs
 
 

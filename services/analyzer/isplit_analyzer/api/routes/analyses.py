@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from isplit.auth import Principal
 from isplit.data import DatasetRef, resolve_classes
+from isplit.exported import NAMES_GIVEN
 from isplit.plan import ENCODINGS, Plan, parse_deployment_spec
 from isplit_analyzer import metrics
 from isplit_analyzer.api.auth import AUTH_RESPONSES, Reader, Submitter, visible
@@ -18,7 +19,7 @@ from isplit_analyzer.api.deps import RunnerDep, SessionDep, SettingsDep
 from isplit_analyzer.jobs import new_job_id, report_dir
 from isplit_analyzer.schemas import Accepted, AcceptedAnalysis, AnalysisPage, AnalysisRequest, AnalysisView
 from isplit_analyzer.store import CANCELLED, FINAL, QUEUED, RUNNING, Job, ModelRecord, candidate_rows
-from isplit_analyzer.views import analysis_plan, analysis_view
+from isplit_analyzer.views import HEAD_FILES, analysis_plan, analysis_view, head_artifact_path
 
 router = APIRouter(prefix="/v1/analyses", tags=["analyses"], responses=AUTH_RESPONSES)
 NOT_FOUND = {404: {"description": "no such analysis (or another principal's)"}}
@@ -48,10 +49,18 @@ def accept(req: AnalysisRequest, model: ModelRecord | None, data_root: Path) -> 
         **{
             **req.model_dump(),
             "dataset": dataset.spec,
-            "classes": resolve_classes(req.classes, model.info["class_names"]),
+            "classes": resolve_classes(req.classes, _class_names(model.info, known)),
             "weights_sha256": model.sha256,
         }
     )
+
+
+def _class_names(info: dict, known: list[str] | None) -> list[str]:
+    """The names a class subset is given in: the model's, or for a torch.export program
+    uploaded without names the built-in dataset's (its classes are only numbered)."""
+    if info.get("extra", {}).get(NAMES_GIVEN) is False and known is not None:
+        return known
+    return info["class_names"]
 
 
 @router.post(
@@ -168,6 +177,29 @@ PLAN_QUERY = (
     "device", "device_gflops", "link", "uplink_mbps", "rtt_ms", "server", "server_gflops", "use_registration_latency",
     "encoding", "max_head_flops_fraction", "max_latency_ms", "max_payload_bytes", "min_accuracy",
 )  # fmt: skip
+
+
+@router.get(
+    "/{analysis_id}/candidates/{candidate_id}/head/{fmt}",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}, 404: {"description": "no such head artifact"}},
+)
+def get_head_artifact(
+    analysis_id: str, candidate_id: str, fmt: str, settings: SettingsDep, session: SessionDep, principal: Reader
+) -> FileResponse:
+    """A trained candidate's head file: ``torchscript`` (head.pt), ``onnx`` (head.onnx),
+    ``executorch`` (head.pte) or ``program`` (head.pt2), as listed in the candidate's
+    ``head_artifacts``."""
+    _job_or_404(session, analysis_id, principal)
+    row = next((r for r in candidate_rows(session, analysis_id) if r.candidate_id == candidate_id), None)
+    if row is None:
+        raise HTTPException(404, f"analysis {analysis_id!r} has no candidate {candidate_id!r}")
+    if fmt not in HEAD_FILES:
+        raise HTTPException(404, f"unknown head format {fmt!r}; known: {', '.join(HEAD_FILES)}")
+    path = head_artifact_path(settings.artifact_root, row.candidate_id, fmt)
+    if path is None:
+        raise HTTPException(404, f"candidate {candidate_id!r} has no {fmt} head")
+    return FileResponse(path, media_type="application/octet-stream", filename=path.name)
 
 
 @router.delete(

@@ -16,7 +16,7 @@ from fastapi import APIRouter, File, Form, HTTPException, Response, UploadFile
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from isplit import IsplitError
+from isplit import IsplitError, exported
 from isplit.auth import Principal
 from isplit.checkpoint import load_model, sha256_file
 from isplit_analyzer.api.auth import AUTH_RESPONSES, Reader, Submitter, visible
@@ -53,8 +53,14 @@ def upload_model(
     principal: Submitter,
     file: UploadFile = File(..., description="an isplit checkpoint (`isplit zoo train`)"),
     arch: str | None = Form(default=None, description="if given, must match the checkpoint"),
+    class_names: str | None = Form(default=None, description=".pt2 programs: comma-separated class names"),
+    mean: str | None = Form(default=None, description=".pt2 programs: comma-separated per-channel mean"),
+    std: str | None = Form(default=None, description=".pt2 programs: comma-separated per-channel std"),
 ) -> ModelView:
-    """Upload weights; they are checked loadable without unpickling code, then stored."""
+    """Upload weights (an isplit checkpoint or a ``torch.export`` program, ``.pt2``); they are
+    checked loadable without running code from the file, then stored. A program's optional
+    class names and normalisation are stored inside it (``extra/isplit.json``)."""
+    meta = program_meta(class_names, mean, std)
     limit = settings.max_upload_bytes  # the body was bounded as it arrived; this bounds the file
     models_dir = settings.artifact_root / "models"
     models_dir.mkdir(parents=True, exist_ok=True)
@@ -69,7 +75,11 @@ def upload_model(
                     raise HTTPException(413, f"upload exceeds the limit of {limit} bytes")
                 out.write(chunk)
         try:
-            _model, info = load_model(tmp, arch=arch)
+            _model, info = load_model(tmp, arch=arch, meta=meta)
+            if meta is not None:
+                if info.arch != exported.ARCH:
+                    raise IsplitError("class_names, mean and std apply to torch.export programs (.pt2) only")
+                exported.embed_meta(tmp, meta)
         except IsplitError as exc:  # name the upload, not the temporary file
             raise IsplitError(str(exc).replace(str(tmp), f"upload {file.filename!r}")) from None
         model_id = new_model_id()
@@ -88,6 +98,20 @@ def upload_model(
         return model_view(rec)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def program_meta(class_names: str | None, mean: str | None, std: str | None) -> exported.ProgramMeta | None:
+    """The optional form fields of a ``.pt2`` upload (None when none is given; 422 when bad)."""
+    fields: dict[str, list] = {}
+    if class_names:
+        fields["class_names"] = [t.strip() for t in class_names.split(",") if t.strip()]
+    for name, text in (("mean", mean), ("std", std)):
+        if text:
+            try:
+                fields[name] = [float(t) for t in text.split(",")]
+            except ValueError:
+                raise HTTPException(422, f"{name} must be comma-separated numbers, got {text[:100]!r}") from None
+    return exported.ProgramMeta(**fields) if fields else None
 
 
 @router.get("/{model_id}", response_model=ModelView, responses=NOT_FOUND)
