@@ -50,13 +50,13 @@ def _ready(url: str) -> bool:
 
 def _submit(d: Deployment, model_id: str, options: dict) -> str:
     body = {"model_id": model_id, "dataset": "digits", "options": options}
-    r = requests.post(d.analyzer_url + "/v1/analyses", json=body, timeout=30)
+    r = requests.post(d.analyzer_url + "/v1/analyses", json=body, headers=d.headers(), timeout=30)
     assert r.status_code == 202, r.text
     return r.json()["id"]
 
 
 def _view(d: Deployment, job: str) -> dict:
-    return requests.get(f"{d.analyzer_url}/v1/analyses/{job}", timeout=10).json()
+    return requests.get(f"{d.analyzer_url}/v1/analyses/{job}", headers=d.headers(), timeout=10).json()
 
 
 def _finished(d: Deployment, job: str, seen: list[int]) -> dict | None:
@@ -78,7 +78,9 @@ def _analysis_jobs(d: Deployment, analysis_id: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def model_id(deployed: Deployment, digits_checkpoint: Path) -> str:
     with open(digits_checkpoint, "rb") as fh:
-        r = requests.post(deployed.analyzer_url + "/v1/models", files={"file": ("m.pt", fh)}, timeout=120)
+        r = requests.post(
+            deployed.analyzer_url + "/v1/models", files={"file": ("m.pt", fh)}, headers=deployed.headers(), timeout=120
+        )
     assert r.status_code in (200, 201), r.text
     return r.json()["model_id"]
 
@@ -170,7 +172,7 @@ def test_cancelling_a_sharded_analysis_deletes_its_job(sharded, model_id):
     d = sharded
     job = _submit(d, model_id, {**OPTIONS, "max_images": 360, "batch_size": 1, "top_k": 0})
     d.cluster.wait("the analysis's Job", 300, lambda: _analysis_jobs(d, job), 2)
-    r = requests.delete(f"{d.analyzer_url}/v1/analyses/{job}", timeout=30)
+    r = requests.delete(f"{d.analyzer_url}/v1/analyses/{job}", headers=d.headers(), timeout=30)
     assert r.status_code == 200, r.text
     assert r.json()["status"] == "cancelled"
     d.cluster.wait("the Job to be deleted", 120, lambda: not _analysis_jobs(d, job), 2)
