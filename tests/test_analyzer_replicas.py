@@ -146,7 +146,11 @@ def test_a_job_cancelled_through_the_other_replica_stops_where_it_runs(replicas,
     job = a.submit(a.upload(digits_checkpoint), options={"max_images": 1437, "batch_size": 4, "top_k": 0})
     a.wait(job, statuses=("running",))
     runner, other = (a, b) if jobs_in_store(postgres_url, [job])[job].claimed_by == "a" else (b, a)
-    assert metric(runner, "isplit_analyzer_jobs_in_progress") == 1.0
+    # The row says running once claimed; the process starts a moment later (from the forkserver).
+    started = time.monotonic() + 60
+    while metric(runner, "isplit_analyzer_jobs_in_progress") != 1.0:
+        assert time.monotonic() < started, runner.proc.log()
+        time.sleep(0.2)
     r = other.delete(f"/v1/analyses/{job}")
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
     deadline = time.monotonic() + 3 * LEASE_SECONDS  # the runner's next lease renewal notices
