@@ -152,6 +152,17 @@ class Deployment:
         """The analyzer API's Authorization header."""
         return {"Authorization": f"Bearer {self.token}"}
 
+    def submit(self, model_id: str, options: dict) -> str:
+        """Submit an analysis of ``model_id`` on digits; its id."""
+        body = {"model_id": model_id, "dataset": "digits", "options": options}
+        r = requests.post(self.analyzer_url + "/v1/analyses", json=body, headers=self.headers(), timeout=30)
+        assert r.status_code == 202, r.text
+        return r.json()["id"]
+
+    def view(self, job: str) -> dict:
+        """The analysis's API view."""
+        return requests.get(f"{self.analyzer_url}/v1/analyses/{job}", headers=self.headers(), timeout=10).json()
+
 
 def _deployments_available(c: Cluster) -> bool:
     items = c.json("get", "deployments", "-n", NAMESPACE)["items"]

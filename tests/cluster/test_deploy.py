@@ -33,19 +33,8 @@ DASHBOARDS = Path(__file__).resolve().parents[2] / "charts" / "isplit" / "dashbo
 OPTIONS = {"max_images": 120, "top_k": 1, "epochs": 2, "lr": 0.005, "max_train_images": 400}
 
 
-def _submit(d: Deployment, model_id: str, options: dict) -> str:
-    body = {"model_id": model_id, "dataset": "digits", "options": options}
-    r = requests.post(d.analyzer_url + "/v1/analyses", json=body, headers=d.headers(), timeout=30)
-    assert r.status_code == 202, r.text
-    return r.json()["id"]
-
-
-def _view(d: Deployment, job: str) -> dict:
-    return requests.get(f"{d.analyzer_url}/v1/analyses/{job}", headers=d.headers(), timeout=10).json()
-
-
 def _measured(d: Deployment, job: str):
-    view = _view(d, job)
+    view = d.view(job)
     assert view["status"] != "failed", view.get("error")
     if view["candidates"] and all(c["measured"] for c in view["candidates"]):
         return view
@@ -84,7 +73,7 @@ def flow(deployed: Deployment, model_id: str, tmp_path_factory: pytest.TempPathF
 
     d = deployed
     t0 = time.monotonic()
-    job = _submit(d, model_id, OPTIONS)
+    job = d.submit(model_id, OPTIONS)
     view = d.cluster.wait("the candidate to be trained in a Job and measured", 1200, lambda: _measured(d, job), 3)
     record_timing("analysis_to_measured_s", time.monotonic() - t0)
     candidate = view["candidates"][0]
@@ -221,7 +210,7 @@ def test_deleting_the_trainer_pod_mid_candidate_still_yields_exactly_one_result(
     d = deployed
     c = d.cluster
     before = {j["metadata"]["name"] for j in _training_jobs(d)}
-    job = _submit(d, model_id, {**OPTIONS, "epochs": 3})
+    job = d.submit(model_id, {**OPTIONS, "epochs": 3})
     new_job = c.wait("a training Job for the new candidate", 300,
                      lambda: [j for j in _training_jobs(d) if j["metadata"]["name"] not in before], 2)[0]  # fmt: skip
     candidate_id = new_job["metadata"]["annotations"]["isplit.io/candidate-id"]

@@ -48,19 +48,8 @@ def _ready(url: str) -> bool:
         return False
 
 
-def _submit(d: Deployment, model_id: str, options: dict) -> str:
-    body = {"model_id": model_id, "dataset": "digits", "options": options}
-    r = requests.post(d.analyzer_url + "/v1/analyses", json=body, headers=d.headers(), timeout=30)
-    assert r.status_code == 202, r.text
-    return r.json()["id"]
-
-
-def _view(d: Deployment, job: str) -> dict:
-    return requests.get(f"{d.analyzer_url}/v1/analyses/{job}", headers=d.headers(), timeout=10).json()
-
-
 def _finished(d: Deployment, job: str, seen: list[int]) -> dict | None:
-    view = _view(d, job)
+    view = d.view(job)
     seen.append(view["progress"]["images_done"])
     assert view["status"] not in ("failed", "cancelled"), view.get("error")
     return view if view["status"] == "succeeded" else None
@@ -88,7 +77,7 @@ def model_id(deployed: Deployment, digits_checkpoint: Path) -> str:
 @pytest.fixture(scope="module")
 def inline_job(deployed: Deployment, model_id: str) -> str:
     d = deployed
-    job = _submit(d, model_id, OPTIONS)
+    job = d.submit(model_id, OPTIONS)
     d.cluster.wait("the inline analysis", 600, lambda: _finished(d, job, []), 2)
     assert not _analysis_jobs(d, job), "the inline executor must not create Jobs"
     return job
@@ -109,7 +98,7 @@ def sharded(deployed: Deployment, inline_job: str) -> Iterator[Deployment]:
 def sharded_job(sharded: Deployment, model_id: str) -> tuple[str, list[int]]:
     d = sharded
     t0 = time.monotonic()
-    job = _submit(d, model_id, OPTIONS)
+    job = d.submit(model_id, OPTIONS)
     seen: list[int] = []
     d.cluster.wait("the sharded analysis", 900, lambda: _finished(d, job, seen), 2)
     record_timing("sharded_analysis_s", time.monotonic() - t0)
@@ -145,7 +134,7 @@ def test_the_shards_stats_are_on_the_artifact_volume(sharded, sharded_job):
 
 def test_progress_is_the_sum_over_the_shards(sharded, sharded_job):
     job, seen = sharded_job
-    view = _view(sharded, job)
+    view = sharded.view(job)
     assert view["progress"]["images_done"] == view["progress"]["images_total"] == 120
     assert seen == sorted(seen), "progress never goes back"
 
@@ -162,7 +151,7 @@ def test_the_sharded_result_equals_the_inline_result(sharded, sharded_job, inlin
 
 
 def test_the_sharded_analysis_publishes_its_candidates(sharded, sharded_job):
-    view = _view(sharded, sharded_job[0])
+    view = sharded.view(sharded_job[0])
     assert view["status"] == "succeeded"
     assert view["candidates"] and all(c["published"] for c in view["candidates"])
     assert view["candidates"][0]["cut"] == view["result"]["ranking"][0]
@@ -170,7 +159,7 @@ def test_the_sharded_analysis_publishes_its_candidates(sharded, sharded_job):
 
 def test_cancelling_a_sharded_analysis_deletes_its_job(sharded, model_id):
     d = sharded
-    job = _submit(d, model_id, {**OPTIONS, "max_images": 360, "batch_size": 1, "top_k": 0})
+    job = d.submit(model_id, {**OPTIONS, "max_images": 360, "batch_size": 1, "top_k": 0})
     d.cluster.wait("the analysis's Job", 300, lambda: _analysis_jobs(d, job), 2)
     r = requests.delete(f"{d.analyzer_url}/v1/analyses/{job}", headers=d.headers(), timeout=30)
     assert r.status_code == 200, r.text
