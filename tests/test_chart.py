@@ -1004,3 +1004,13 @@ def test_local_values_fit_the_one_node_cluster(helm, tmp_path_factory):
 
 def test_analyzer_listens_on_every_address_in_the_pod(default_docs):
     assert config_env(default_docs, "analyzer")["ISPLIT_ANALYZER_HOST"] == "0.0.0.0"
+
+
+def test_the_analyzer_names_its_own_service_account_whatever_the_executor(default_docs):
+    """Switching the executor back to inline must not leave pods pointing at a deleted account
+    (the API server keeps the deprecated spec.serviceAccount when serviceAccountName is dropped)."""
+    spec = one(default_docs, "Deployment", f"{RELEASE}-analyzer")["spec"]["template"]["spec"]
+    assert spec["serviceAccountName"] == f"{RELEASE}-analyzer"
+    assert spec["automountServiceAccountToken"] is False  # no API access inline
+    assert one(default_docs, "ServiceAccount", f"{RELEASE}-analyzer")["automountServiceAccountToken"] is False
+    assert not find(default_docs, "Role")
