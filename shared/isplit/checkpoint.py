@@ -110,28 +110,27 @@ def load_model(path: Path, *, arch: str | None = None, meta: Any = None) -> tupl
     if arch is not None and arch != info.arch:
         raise IsplitError(f"weights file {path} holds a {info.arch!r} model, not {arch!r}")
     check_weights(info, state, str(path))
-    model = build_model(
+    model = build_declared(info)
+    load_state(model, state, str(path))
+    return model.eval(), info
+
+
+def build_declared(info: ModelInfo) -> nn.Module:
+    """The (untrained) zoo model ``info`` declares: architecture, classes, channels, size, width."""
+    return build_model(
         info.arch,
         num_classes=info.num_classes,
         in_channels=info.in_channels,
         input_size=info.input_size,
         width=info.width,
     )
-    load_state(model, state, str(path))
-    return model.eval(), info
 
 
 def declared_shapes(info: ModelInfo) -> dict[str, tuple[int, ...]]:
     """The state_dict shapes of the model ``info`` declares, built on the meta device (no
     memory is allocated, whatever width the metadata claims)."""
     with torch.device("meta"):
-        skeleton = build_model(
-            info.arch,
-            num_classes=info.num_classes,
-            in_channels=info.in_channels,
-            input_size=info.input_size,
-            width=info.width,
-        )
+        skeleton = build_declared(info)
     return {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
 
 

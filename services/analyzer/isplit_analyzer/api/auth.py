@@ -9,10 +9,11 @@ answers 404, as if it did not exist (``admin`` sees everything).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
 
 from isplit.auth import Principal, TokenStore
 
@@ -62,3 +63,15 @@ Submitter = Annotated[Principal, Depends(require("submit"))]
 def visible(owner: str | None, principal: Principal) -> bool:
     """Whether ``principal`` may see a row owned by ``owner`` (its own, or any for admin)."""
     return principal.is_admin or owner == principal.name
+
+
+Owned = TypeVar("Owned")
+
+
+def owned_or_404(session: Session, row_type: type[Owned], row_id: str, principal: Principal, what: str) -> Owned:
+    """The ``row_type`` row ``row_id`` if ``principal`` may see it; a 404 naming ``what`` otherwise
+    (another principal's row is indistinguishable from a missing one)."""
+    row: Any = session.get(row_type, row_id)
+    if row is None or not visible(row.owner, principal):
+        raise HTTPException(404, f"{what} {row_id!r} not found")
+    return row

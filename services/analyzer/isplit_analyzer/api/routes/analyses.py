@@ -14,7 +14,7 @@ from isplit.data import DatasetRef, resolve_classes
 from isplit.exported import NAMES_GIVEN
 from isplit.plan import ENCODINGS, Plan, parse_deployment_spec
 from isplit_analyzer import metrics
-from isplit_analyzer.api.auth import AUTH_RESPONSES, Reader, Submitter, visible
+from isplit_analyzer.api.auth import AUTH_RESPONSES, Reader, Submitter, owned_or_404, visible
 from isplit_analyzer.api.deps import RunnerDep, SessionDep, SettingsDep
 from isplit_analyzer.jobs import new_job_id, report_dir
 from isplit_analyzer.schemas import Accepted, AcceptedAnalysis, AnalysisPage, AnalysisRequest, AnalysisView
@@ -26,10 +26,7 @@ NOT_FOUND = {404: {"description": "no such analysis (or another principal's)"}}
 
 
 def _job_or_404(session: Session, analysis_id: str, principal: Principal) -> Job:
-    job = session.get(Job, analysis_id)
-    if job is None or not visible(job.owner, principal):
-        raise HTTPException(404, f"analysis {analysis_id!r} not found")
-    return job
+    return owned_or_404(session, Job, analysis_id, principal, "analysis")
 
 
 def accept(req: AnalysisRequest, model: ModelRecord | None, data_root: Path) -> AcceptedAnalysis:

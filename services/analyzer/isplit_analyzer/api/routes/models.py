@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from isplit import IsplitError, exported
 from isplit.auth import Principal
 from isplit.checkpoint import load_model, sha256_file
-from isplit_analyzer.api.auth import AUTH_RESPONSES, Reader, Submitter, visible
+from isplit_analyzer.api.auth import AUTH_RESPONSES, Reader, Submitter, owned_or_404
 from isplit_analyzer.api.deps import SessionDep, SettingsDep
 from isplit_analyzer.jobs import model_path, new_model_id
 from isplit_analyzer.schemas import ModelView
@@ -31,10 +31,7 @@ NOT_FOUND = {404: {"description": "no such model (or another principal's)"}}
 
 
 def _model_or_404(session: Session, model_id: str, principal: Principal) -> ModelRecord:
-    rec = session.get(ModelRecord, model_id)
-    if rec is None or not visible(rec.owner, principal):
-        raise HTTPException(404, f"model {model_id!r} not found")
-    return rec
+    return owned_or_404(session, ModelRecord, model_id, principal, "model")
 
 
 @router.post(
