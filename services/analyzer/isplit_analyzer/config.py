@@ -16,7 +16,6 @@ from isplit.settings import ServiceSettings
 class Settings(ServiceSettings):
     """Read from ``ISPLIT_*`` variables (``DATABASE_URL`` as is)."""
 
-    data_root: Path = Field(default=Path("var/data"), description="image folders must live under it")
     database_url: str = Field(
         default="",
         validation_alias=AliasChoices("ISPLIT_ANALYZER_DB_URL", "DATABASE_URL", "ISPLIT_DATABASE_URL"),
