@@ -51,8 +51,9 @@ def _head(service: Analyzer, method: str, path: str, headers: dict[str, str]) ->
 
 def _read_to_close(sock: socket.socket) -> bytes:
     out = b""
-    while chunk := sock.recv(65536):
-        out += chunk
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := sock.recv(65536):
+            out += chunk
     return out
 
 
@@ -84,7 +85,7 @@ def test_a_declared_content_length_over_the_limit_gets_413_before_the_body_is_re
     with _connect(guarded) as sock:
         sock.sendall(_head(guarded, "POST", "/v1/models", {
             **guarded.as_(), "Content-Type": "multipart/form-data; boundary=b", "Content-Length": str(3 * 10**9)}))  # fmt: skip
-        answer = sock.recv(65536).decode()
+        answer = _read_to_close(sock).decode()  # the head and the body may come in separate segments
     assert answer.startswith("HTTP/1.1 413")
     assert f"request body of 3000000000 bytes exceeds the limit of {LIMIT} bytes" in answer
 
