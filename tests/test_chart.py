@@ -64,6 +64,7 @@ ALL_FEATURES = {
     "tailServing": {
         "autoscaling": {"targetMemoryUtilizationPercentage": 80},
         "pdb": {"minAvailable": "", "maxUnavailable": "50%"},
+        "auth": {"existingSecret": "isplit-tail-keys"},
     },
     "global": {"imagePullSecrets": ["registry-credentials"]},
 }
@@ -521,8 +522,13 @@ def test_probes_use_the_health_endpoints(default_docs):
     trainer = one(default_docs, "Deployment", f"{RELEASE}-trainer")["spec"]["template"]["spec"]["containers"][0]
     assert trainer["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
     assert trainer["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
-    torchserve = one(default_docs, "Deployment", f"{RELEASE}-tail-serving")["spec"]["template"]["spec"]["containers"][0]
-    assert torchserve["readinessProbe"]["httpGet"] == {"path": "/ping", "port": "inference"}
+    torchserve, gateway = one(default_docs, "Deployment", f"{RELEASE}-tail-serving")["spec"]["template"]["spec"][
+        "containers"
+    ]
+    assert torchserve["livenessProbe"]["tcpSocket"] == torchserve["readinessProbe"]["tcpSocket"] == {"port": "metrics"}
+    # The pod is ready when TorchServe answers /ping through the gateway (with TorchServe's key).
+    assert gateway["readinessProbe"]["httpGet"] == {"path": "/ping", "port": "inference"}
+    assert gateway["livenessProbe"]["tcpSocket"] == {"port": "inference"}
 
 
 def test_no_secrets_are_rendered_or_kept_in_values(all_docs):
@@ -551,8 +557,11 @@ def test_kafka_sasl_credentials_come_from_the_existing_secret(helm, tmp_path_fac
             "name": "isplit-kafka-user",
             "key": "password",
         }
-    # The Kafka credentials are only referenced; the one Secret rendered holds the API token.
-    assert [d["metadata"]["name"] for d in find(docs, "Secret")] == [f"{RELEASE}-analyzer-auth"]
+    # The Kafka credentials are only referenced; the Secrets rendered hold the generated keys.
+    assert sorted(d["metadata"]["name"] for d in find(docs, "Secret")) == [
+        f"{RELEASE}-analyzer-auth",
+        f"{RELEASE}-tail-serving-auth",
+    ]
 
 
 # --- the analyzer's job store --------------------------------------------------------------------
@@ -744,8 +753,10 @@ def test_torchserve_config_serves_prometheus_metrics_from_the_shared_model_store
         for line in config_env(default_docs, "tail-serving")["config.properties"].splitlines()
         if "=" in line and not line.startswith("#")
     )
-    assert properties["inference_address"] == "http://0.0.0.0:8080"
-    assert properties["management_address"] == "http://0.0.0.0:8081"
+    # Inference and management only inside the pod, behind the gateway; token authorization on.
+    assert properties["inference_address"] == "http://127.0.0.1:18080"
+    assert properties["management_address"] == "http://127.0.0.1:18081"
+    assert "disable_token_authorization" not in properties
     assert properties["metrics_address"] == "http://0.0.0.0:8082"
     assert properties["metrics_mode"] == "prometheus"
     assert properties["model_store"] == "/var/lib/isplit/artifacts/model-store"
@@ -934,6 +945,7 @@ def test_notes_render(helm):
     assert result.returncode == 0, result.stderr
     assert f"port-forward svc/{RELEASE}-analyzer 8000:8000" in result.stdout
     assert f"get secret {RELEASE}-analyzer-auth -o jsonpath='{{.data.token}}' | base64 -d" in result.stdout
+    assert f"get secret {RELEASE}-tail-serving-auth -o jsonpath='{{.data.inference-key}}' | base64 -d" in result.stdout
 
 
 # --- API authentication -----------------------------------------------------------------------------
@@ -965,6 +977,53 @@ def test_an_existing_token_secret_is_mounted_and_none_is_generated(all_docs):
     volume, _ = _auth_volume(all_docs)
     assert volume["secret"]["secretName"] == "isplit-api-tokens"
     assert volume["secret"]["items"] == [{"key": "tokens", "path": "tokens.jsonl"}]
+
+
+def _tail_serving_pod(docs) -> dict:
+    return one(docs, "Deployment", f"{RELEASE}-tail-serving")["spec"]["template"]["spec"]
+
+
+def test_the_tail_serving_gateway_owns_the_ports_and_reads_both_sets_of_keys(default_docs):
+    spec = _tail_serving_pod(default_docs)
+    torchserve, gateway = spec["containers"]
+    assert [p["name"] for p in torchserve["ports"]] == ["metrics"]
+    assert {p["name"]: p["containerPort"] for p in gateway["ports"]} == {"inference": 8080, "management": 8081}
+    assert gateway["command"] == ["/usr/bin/tini", "--", "python", "-m", "isplit.gateway"]
+    args = dict(a.removeprefix("--").split("=", 1) for a in gateway["args"])
+    assert args["inference-upstream"] == "http://127.0.0.1:18080"
+    assert args["management-upstream"] == "http://127.0.0.1:18081"
+    # TorchServe writes key_file.json into its working directory, which the gateway mounts read-only.
+    ts_tmp = next(m for m in torchserve["volumeMounts"] if m["mountPath"] == torchserve["workingDir"])
+    keys_mount = next(m for m in gateway["volumeMounts"] if m["name"] == ts_tmp["name"])
+    assert args["torchserve-key-file"] == keys_mount["mountPath"] + "/key_file.json" and keys_mount["readOnly"]
+    auth_mount = next(m for m in gateway["volumeMounts"] if m["name"] == "auth")
+    assert args["keys-dir"] == auth_mount["mountPath"] and auth_mount["readOnly"]
+    volume = next(v for v in spec["volumes"] if v["name"] == "auth")
+    assert volume["secret"]["secretName"] == f"{RELEASE}-tail-serving-auth"
+    # Readable by the gateway's user through the pod's fsGroup, by nobody else.
+    assert volume["secret"]["defaultMode"] == 0o440 and spec["securityContext"]["fsGroup"] == 10001
+
+
+def test_the_chart_generates_tail_serving_keys_the_trainer_gets(default_docs):
+    secret = one(default_docs, "Secret", f"{RELEASE}-tail-serving-auth")
+    keys = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    assert set(keys) == {"inference-key", "management-key"}
+    assert all(len(k) == 43 and k.isalnum() for k in keys.values()) and len(set(keys.values())) == 2
+    trainer = one(default_docs, "Deployment", f"{RELEASE}-trainer")["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("valueFrom", {}).get("secretKeyRef") for e in trainer["env"]}
+    assert env["ISPLIT_TORCHSERVE_MANAGEMENT_KEY"] == {"name": f"{RELEASE}-tail-serving-auth", "key": "management-key"}
+    assert env["ISPLIT_TORCHSERVE_INFERENCE_KEY"] == {"name": f"{RELEASE}-tail-serving-auth", "key": "inference-key"}
+
+
+def test_an_existing_tail_serving_key_secret_is_used_and_none_is_generated(all_docs):
+    assert not find(all_docs, "Secret")
+    volume = next(v for v in _tail_serving_pod(all_docs)["volumes"] if v["name"] == "auth")
+    assert volume["secret"]["secretName"] == "isplit-tail-keys"
+    trainer = one(all_docs, "Deployment", f"{RELEASE}-trainer")["spec"]["template"]["spec"]["containers"][0]
+    refs = [
+        e["valueFrom"]["secretKeyRef"]["name"] for e in trainer["env"] if e["name"].startswith("ISPLIT_TORCHSERVE_")
+    ]
+    assert refs == ["isplit-tail-keys", "isplit-tail-keys"]
 
 
 def test_k8s_tools_fetch_is_idempotent_and_fast(helm):

@@ -34,7 +34,7 @@ from urllib.parse import quote
 
 import requests
 
-from isplit import IsplitError, wire
+from isplit import IsplitError
 
 HANDLER_ENV = "ISPLIT_TAIL_HANDLER"
 _REPO_HANDLER = Path(__file__).resolve().parents[2] / "services" / "tail-serving" / "isplit_tail_handler.py"
@@ -225,6 +225,8 @@ def predict(
     that many classes per image (sent as the ``X-Isplit-Top-K`` header). Raises
     :class:`TorchServeError` with the server's message on 4xx/5xx or when unreachable.
     """
+    from isplit import wire  # here: the module stays torch-free for the gateway (python -m isplit.gateway)
+
     headers = {"Content-Type": "application/octet-stream"}
     if top_k is not None:
         headers[wire.TOP_K_HEADER] = str(top_k)

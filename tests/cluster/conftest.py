@@ -147,10 +147,15 @@ class Deployment:
     artifact_dir: Path
     skaffold_s: float
     token: str = ""  # the chart's generated analyzer token, read from its Secret
+    tail_keys: dict[str, str] | None = None  # the tail-serving gateway's inference-key, management-key
 
     def headers(self) -> dict[str, str]:
         """The analyzer API's Authorization header."""
         return {"Authorization": f"Bearer {self.token}"}
+
+    def tail_headers(self, api: str) -> dict[str, str]:
+        """The tail-serving gateway's Authorization header for ``api`` (inference, management)."""
+        return {"Authorization": f"Bearer {(self.tail_keys or {})[f'{api}-key']}"}
 
     def submit(self, model_id: str, options: dict) -> str:
         """Submit an analysis of ``model_id`` on digits; its id."""
@@ -213,7 +218,10 @@ def deployed(cluster: Cluster) -> Deployment:
     pv = c.json("get", "pv", claim["spec"]["volumeName"])
     secret = c.json("get", "secret", f"{RELEASE}-analyzer-auth", "-n", NAMESPACE)
     token = base64.b64decode(secret["data"]["token"]).decode()
-    return Deployment(c, analyzer, inference, management, Path(pv["spec"]["hostPath"]["path"]), skaffold_s, token)
+    tail_secret = c.json("get", "secret", f"{RELEASE}-tail-serving-auth", "-n", NAMESPACE)["data"]
+    tail_keys = {k: base64.b64decode(v).decode() for k, v in tail_secret.items()}
+    return Deployment(c, analyzer, inference, management, Path(pv["spec"]["hostPath"]["path"]), skaffold_s, token,
+                      tail_keys)  # fmt: skip
 
 
 def _ok(url: str) -> bool:

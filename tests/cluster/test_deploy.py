@@ -23,6 +23,7 @@ import requests
 import torch
 from kafka import KafkaConsumer, TopicPartition
 
+from isplit import wire
 from isplit.messages import TOPIC_RESULTS
 from tests.fixtures.stack import digits_test_pngs
 from tests.promql import from_grafana
@@ -85,7 +86,7 @@ def flow(deployed: Deployment, model_id: str, tmp_path_factory: pytest.TempPathF
     _, paths = digits_test_pngs(tmp_path_factory.mktemp("cluster-edge"))
     head_path = d.artifact_dir / measured["head_uri"]
     endpoint = d.inference_base + urlsplit(measured["inference_url"]).path
-    client = EdgeClient(head_path, endpoint, encoding="fp32")
+    client = EdgeClient(head_path, endpoint, encoding="fp32", inference_key=d.tail_keys["inference-key"])
     pred = client.predict_files(paths, top_k=1)
     x = client.preprocess(paths)
     tail = torch.jit.load(str(head_path.parent / "tail.pt"))
@@ -119,9 +120,26 @@ def test_the_candidate_trains_in_a_kubernetes_job_pod(flow):
 
 def test_the_tail_is_registered_with_the_torchserve_pod(deployed, flow):
     name = flow.candidate["measured"]["model_name"]
-    r = requests.get(f"{deployed.management_url}/models/{name}", timeout=10)
+    r = requests.get(
+        f"{deployed.management_url}/models/{name}", headers=deployed.tail_headers("management"), timeout=10
+    )
     assert r.status_code == 200, r.text
     assert r.json()[0]["workers"], r.json()
+
+
+def test_the_tail_serving_gateway_lets_in_only_the_release_keys(deployed, flow):
+    """TorchServe's token authorization is on behind the gateway: no key, a wrong key or the
+    other API's key is a 401 on both ports; /ping is open for probes."""
+    name = flow.candidate["measured"]["model_name"]
+    endpoint = deployed.inference_base + urlsplit(flow.candidate["measured"]["inference_url"]).path
+    payload = wire.encode(flow.code, "fp32")
+    for headers in ({}, {"Authorization": "Bearer wrong"}, deployed.tail_headers("management")):
+        assert requests.post(endpoint, data=payload, headers=headers, timeout=30).status_code == 401
+    for headers in ({}, {"Authorization": "Bearer wrong"}, deployed.tail_headers("inference")):
+        r = requests.get(f"{deployed.management_url}/models/{name}", headers=headers, timeout=10)
+        assert r.status_code == 401, r.text
+    assert requests.post(endpoint, data=payload, headers=deployed.tail_headers("inference"), timeout=30).ok
+    assert requests.get(deployed.inference_base + "/ping", timeout=10).json()["status"] == "Healthy"
 
 
 def test_edge_predictions_through_the_torchserve_service_equal_the_local_split_model(flow):
@@ -137,18 +155,19 @@ def test_measured_accuracy_is_attached_to_the_analysis(flow):
 def _exercise_error_paths(d: Deployment, flow: ClusterFlow) -> None:
     """A malformed payload (400 from the handler) and a model without workers (503): the
     tail-serving dashboard's 4xx and 5xx panels have data; workers are restored after."""
-    from isplit import wire
 
     measured = flow.candidate["measured"]
     endpoint = d.inference_base + urlsplit(measured["inference_url"]).path
-    assert requests.post(endpoint, data=b"not a tensor", timeout=30).status_code == 400
+    inference, management = d.tail_headers("inference"), d.tail_headers("management")
+    assert requests.post(endpoint, data=b"not a tensor", headers=inference, timeout=30).status_code == 400
     mgmt = f"{d.management_url}/models/{measured['model_name']}"
-    requests.put(mgmt, params={"min_worker": 0, "max_worker": 0, "synchronous": "true"}, timeout=60)
+    scale = {"synchronous": "true"}
+    requests.put(mgmt, params={**scale, "min_worker": 0, "max_worker": 0}, headers=management, timeout=60)
     try:
         payload = wire.encode(flow.code, "fp32")
-        assert requests.post(endpoint, data=payload, timeout=30).status_code == 503
+        assert requests.post(endpoint, data=payload, headers=inference, timeout=30).status_code == 503
     finally:
-        requests.put(mgmt, params={"min_worker": 1, "max_worker": 1, "synchronous": "true"}, timeout=120)
+        requests.put(mgmt, params={**scale, "min_worker": 1, "max_worker": 1}, headers=management, timeout=120)
 
 
 def test_prometheus_scrapes_isplit_series_from_the_three_pods(deployed, flow):

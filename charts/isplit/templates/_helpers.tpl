@@ -136,6 +136,25 @@ imagePullSecrets:
 {{- printf "http://%s:%v" (include "isplit.componentName" (dict "root" . "component" "tail-serving")) .Values.tailServing.service.ports.management -}}
 {{- end -}}
 
+{{/* The Secret holding the tail-serving keys (inference-key, management-key). */}}
+{{- define "isplit.tailServingAuthSecret" -}}
+{{- .Values.tailServing.auth.existingSecret | default (printf "%s-auth" (include "isplit.componentName" (dict "root" . "component" "tail-serving"))) -}}
+{{- end -}}
+
+{{/* The trainer's TorchServe keys (the gateway's, from that Secret). */}}
+{{- define "isplit.tailServingKeysEnv" -}}
+- name: ISPLIT_TORCHSERVE_MANAGEMENT_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "isplit.tailServingAuthSecret" . | quote }}
+      key: management-key
+- name: ISPLIT_TORCHSERVE_INFERENCE_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "isplit.tailServingAuthSecret" . | quote }}
+      key: inference-key
+{{- end -}}
+
 {{/* ServiceAccount names. */}}
 {{- define "isplit.trainer.serviceAccountName" -}}
 {{- if .Values.trainer.serviceAccount.create -}}

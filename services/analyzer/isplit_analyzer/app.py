@@ -13,11 +13,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy.engine import make_url
 
 from isplit.auth import TokenStore
+from isplit.httpguard import RequestBodyGuard
 from isplit_analyzer import metrics
 from isplit_analyzer.api import router
 from isplit_analyzer.api.deps import State
 from isplit_analyzer.api.errors import install_error_handlers, internal_error
-from isplit_analyzer.api.limits import RequestBodyGuard
 from isplit_analyzer.config import Settings, get_settings
 from isplit_analyzer.jobs import JobRunner
 from isplit_analyzer.results import ResultsConsumer

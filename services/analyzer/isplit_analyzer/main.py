@@ -8,7 +8,7 @@ import logging
 
 import uvicorn
 
-from isplit_analyzer.api.limits import protocol_with_header_timeout
+from isplit.httpguard import protocol_with_header_timeout
 from isplit_analyzer.app import create_app
 from isplit_analyzer.config import get_settings
 

@@ -1,6 +1,7 @@
 """``isplit demo``: the product end to end, the way a user runs it, against the local stack.
 
-Train (or reuse) a reference VGG16 variant on Fashion-MNIST, upload it, submit an analysis for
+Train (or reuse) a reference VGG16-BN ×0.25 on Fashion-MNIST (32 px, 3 epochs on 30,000 images:
+90.7 % test accuracy in 93 s on 2 cores), upload it, submit an analysis for
 all classes and one for a class subset over HTTP with a realistic deployment (``DEMO_DEPLOYMENT``:
 a Raspberry-Pi-class device, a 10 Mbit/s LTE-class uplink, a GPU server, a head of at most half
 the network's FLOPs), let the trainer retrain the best cuts that deployment can use, call the
@@ -298,11 +299,11 @@ def run(args: argparse.Namespace) -> int:
 def register_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the whole product end to end against the local stack")
     p.add_argument("--analyzer", default="http://127.0.0.1:8000")
-    p.add_argument("--arch", default="vgg16")
+    p.add_argument("--arch", default="vgg16_bn")
     p.add_argument("--width", type=float, default=0.25)
     p.add_argument("--input-size", type=int, default=32)
     p.add_argument("--model-epochs", type=int, default=3)
-    p.add_argument("--model-train-images", type=int, default=20000, help="reference model's training slice")
+    p.add_argument("--model-train-images", type=int, default=30000, help="reference model's training slice")
     p.add_argument("--analysis-images", type=int, default=1000)
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--bottleneck-epochs", type=int, default=1)

@@ -8,7 +8,6 @@ anything else is a 500 that names the exception type, never a stack trace.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -16,32 +15,10 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from isplit import IsplitError
+from isplit.httpguard import problem
 from isplit.messages import summarize_errors
 
 log = logging.getLogger("isplit.analyzer")
-
-TITLES = {
-    400: "Bad Request",
-    401: "Unauthorized",
-    403: "Forbidden",
-    404: "Not Found",
-    408: "Request Timeout",
-    409: "Conflict",
-    413: "Payload Too Large",
-    422: "Unprocessable Content",
-    500: "Internal Server Error",
-    503: "Service Unavailable",
-}
-
-
-def problem(status: int, detail: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
-    """An RFC 9457 problem-details response."""
-    return JSONResponse(
-        {"type": "about:blank", "title": TITLES.get(status, "Error"), "status": status, "detail": detail},
-        status_code=status,
-        media_type="application/problem+json",
-        headers=dict(headers) if headers else None,
-    )
 
 
 def internal_error(exc: Exception) -> JSONResponse:

@@ -1,6 +1,6 @@
 """Uploaded checkpoints: ``POST /v1/models``, ``GET`` and ``DELETE /v1/models/{model_id}``.
 
-An upload's body is bounded as it arrives (``RequestBodyGuard`` in ``api/limits.py``: the
+An upload's body is bounded as it arrives (``RequestBodyGuard`` in ``isplit.httpguard``: the
 declared Content-Length first, then the streamed count), so at most ``max_upload_bytes`` is
 ever spooled; the checkpoint is then checked without unpickling code,
 its metadata capped and its tensors compared with the declared model before it is built.

@@ -1,5 +1,8 @@
-"""Slow or oversized clients: request bodies bounded in bytes and time as they arrive, and
+"""HTTP plumbing both HTTP services share (the analyzer's API and the tail-serving gateway):
+RFC 9457 problem responses, request bodies bounded in bytes and time as they arrive, and
 request headers bounded in time.
+
+``problem`` is the one problem-details response.
 
 ``RequestBodyGuard`` (ASGI middleware) answers 413 before reading a body whose Content-Length
 exceeds the route's limit, and stops reading a body (chunked or lying) once the bytes received
@@ -13,13 +16,36 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
-from fastapi import HTTPException
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from isplit_analyzer.api.errors import problem
+TITLES = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    408: "Request Timeout",
+    409: "Conflict",
+    413: "Payload Too Large",
+    422: "Unprocessable Content",
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+}
+
+
+def problem(status: int, detail: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    """An RFC 9457 problem-details response."""
+    return JSONResponse(
+        {"type": "about:blank", "title": TITLES.get(status, "Error"), "status": status, "detail": detail},
+        status_code=status,
+        media_type="application/problem+json",
+        headers=dict(headers) if headers else None,
+    )
 
 
 class BodyRefused(HTTPException):
