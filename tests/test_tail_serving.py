@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
 import time
 import uuid
 import warnings
@@ -19,6 +21,7 @@ import torch
 
 from isplit import torchserve as ts
 from isplit import wire
+from isplit.dev import REPO
 from isplit.dev.torchserve import private_env, private_torchserve, read_state, run_script
 
 pytestmark = pytest.mark.torchserve
@@ -342,3 +345,30 @@ def test_a_restarted_torchserve_serves_its_tails_again(tmp_path: Path) -> None:
         after = ts.predict(again.inference_url, name, wire.encode(codes), key=again.keys().inference)
     assert after["predictions"] == before["predictions"]
     assert [p[0]["class"] for p in after["predictions"]] == local(codes).argmax(1).tolist()
+
+
+def _uid(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"^Uid:\s+(\d+)", status, re.M).group(1))  # type: ignore[union-attr]
+
+
+def _nobody_can_run(python: Path) -> bool:
+    as_nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "/bin/sh", "-c", '"$0" -c 1']
+    return subprocess.run([*as_nobody, str(python)], capture_output=True, timeout=60).returncode == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="started by a normal user, TorchServe runs as that user")
+@pytest.mark.skipif(
+    os.geteuid() == 0 and not _nobody_can_run(REPO / ".venv" / "bin" / "python"),
+    reason="the venv's interpreter lies under a directory only root may enter (e.g. /root/.pyenv): "
+    "scripts/torchserve falls back to root with a warning",
+)
+def test_started_by_root_torchserve_and_its_workers_are_not_root(served_tail: ServedTail, torchserve) -> None:
+    state = (torchserve.key_file.parent / "torchserve.env").read_text()
+    frontend = int(re.search(r"^ISPLIT_TORCHSERVE_PID=(\d+)$", state, re.M).group(1))  # type: ignore[union-attr]
+    children = Path(f"/proc/{frontend}/task/{frontend}/children").read_text().split()
+    workers = [int(p) for p in children if b"model_service_worker" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert workers, "no model worker under the frontend"
+    uids = {pid: _uid(pid) for pid in (frontend, *workers)}
+    assert all(uid != 0 for uid in uids.values()), uids
+    assert torchserve.key_file.stat().st_uid == uids[frontend]  # TorchServe wrote its keys as that user

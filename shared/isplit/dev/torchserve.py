@@ -11,7 +11,9 @@ import os
 import re
 import shutil
 import socket
+import stat
 import subprocess
+import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -119,6 +121,23 @@ def private_env(root: Path, env: Mapping[str, str] | None = None) -> dict[str, s
             "ISPLIT_TORCHSERVE_DIR": str(root / "run"), "ISPLIT_TORCHSERVE_CONFIG": str(root / "config.properties")}  # fmt: skip
 
 
+def let_torchserve_user_in(root: Path) -> None:
+    """Started by root, ``scripts/torchserve`` runs TorchServe as an unprivileged user, which must
+    reach ``root`` (its run dir and model store). Temporary directories are 0700 (pytest's
+    included): give others search (x, not read) permission on ``root`` and on those of its
+    ancestors inside the system temp directory that we own. No-op unless we are root."""
+    if os.geteuid() != 0:
+        return
+    tmp = Path(tempfile.gettempdir()).resolve()
+    path = Path(root).resolve()
+    for directory in (path, *path.parents):
+        if directory == tmp or tmp not in directory.parents:
+            break
+        info = directory.stat()
+        if info.st_uid == 0 and not info.st_mode & stat.S_IXOTH:
+            directory.chmod(stat.S_IMODE(info.st_mode) | stat.S_IXOTH)
+
+
 @contextmanager
 def private_torchserve(
     root: Path, overrides: Mapping[str, str | None] | None = None, env: Mapping[str, str] | None = None
@@ -128,6 +147,7 @@ def private_torchserve(
     config = root / "config.properties"
     run_env = private_env(root, env)
     root.mkdir(parents=True, exist_ok=True)
+    let_torchserve_user_in(root)
     endpoints = None
     for _attempt in range(3):  # a free port can be taken before TorchServe binds it: pick again
         config.write_text(private_config(overrides))
