@@ -10,6 +10,7 @@ from isplit import IsplitError
 from isplit.cuts import CutPoint
 from isplit.data import load_dataset
 from isplit.importance import (
+    FIRST_STEP_IMAGES,
     ImportanceCurve,
     ImportanceStats,
     accumulate_importance,
@@ -215,3 +216,13 @@ def test_curve_with_a_zero_cui_layer_is_valid_json():
     text = curve.model_dump_json()
     assert "Infinity" not in text and "NaN" not in text
     assert ImportanceCurve.model_validate_json(text).point("a").log10_cui == curve.point("a").log10_cui
+
+
+def test_the_first_step_is_small_for_quick_progress_and_changes_no_sum(model, digits, all_stats):
+    seen: list[int] = []
+    stats = accumulate_importance(model, digits, batch_size=64, device="cpu", progress=seen.append)
+    n = len(digits[1])
+    assert seen[0] == FIRST_STEP_IMAGES and seen[1] == min(64, n) and seen[-1] == n
+    for name, sums in all_stats.sums.items():  # batches of 32, also split: per-image maps add the same
+        assert torch.allclose(stats.sums[name], sums, rtol=1e-9, atol=1e-12), name
+    assert torch.equal(stats.counts, all_stats.counts)
