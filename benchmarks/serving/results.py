@@ -55,6 +55,7 @@ class Report:
     in_process: dict = field(default_factory=dict)
     head_to_head: dict = field(default_factory=dict)
     tuning: list[dict] = field(default_factory=list)
+    side_by_side: list[dict] = field(default_factory=list)  # per tail: see side_by_side.compare_servers
     goals: dict = field(default_factory=dict)
 
 

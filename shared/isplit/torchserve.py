@@ -28,11 +28,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
 import requests
+import torch
 
 from isplit import IsplitError, wire
 
@@ -136,6 +139,57 @@ def build_mar(
         target = export_dir / f"{model_name}.mar"
         os.replace(staged / f"{model_name}.mar", target)
     return target
+
+
+@dataclass(frozen=True)
+class TailBatching:
+    """How TorchServe serves a tail: up to ``batch_size`` codes per forward pass, waiting up to
+    ``max_batch_delay_ms`` for a batch to fill, on ``workers`` worker processes."""
+
+    batch_size: int
+    max_batch_delay_ms: int
+    workers: int
+
+
+# From benchmarks/serving's side-by-side (benchmarks/results/serving-cpu.json, 2-core VM).
+BATCH_SIZE, WORKERS = 16, 2
+# Below this per-image cost (ms) a tail is "cheap": the Python and HTTP work per request
+# (about 1 ms) dominates, a batch delay only adds latency, so TorchServe batches only what is
+# queued (delay 0).
+CHEAP_TAIL_MS = 1.0
+# A tail costing milliseconds batches at delay min(MAX_DELAY_MS, DELAY_PER_TAIL_MS * cost):
+# long enough to gather a batch under load, short against one forward pass at concurrency 1.
+DELAY_PER_TAIL_MS = 0.25
+MAX_DELAY_MS = 5
+
+
+def tail_batching(tail_ms_per_image: float) -> TailBatching:
+    """The registration for a tail whose forward pass costs ``tail_ms_per_image`` (ms, one image,
+    one torch thread, as :func:`tail_cost_ms` measures): batch 16 on 2 workers, and a batch delay
+    of 0 ms for a cheap tail, else a fraction of the tail's cost (at most 5 ms)."""
+    if tail_ms_per_image < CHEAP_TAIL_MS:
+        delay = 0
+    else:
+        delay = min(MAX_DELAY_MS, max(1, round(DELAY_PER_TAIL_MS * tail_ms_per_image)))
+    return TailBatching(batch_size=BATCH_SIZE, max_batch_delay_ms=delay, workers=WORKERS)
+
+
+def tail_cost_ms(tail: Callable[[torch.Tensor], torch.Tensor], code: torch.Tensor, repeats: int = 7) -> float:
+    """Median time of ``tail(code)`` on one torch thread (as the handler runs it) per image in
+    ``code`` ``(N, ...)``, in ms, after one untimed pass; the process's thread count is restored."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            tail(code)
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                tail(code)
+                times.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return sorted(times)[len(times) // 2] * 1e3 / len(code)
 
 
 def register(
