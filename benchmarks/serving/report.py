@@ -67,6 +67,11 @@ def print_report(r: Report) -> None:
           f"{fmt_load(r.machine['load_average_after'])} after; torch {r.machine['torch']}")  # fmt: skip
     print(f"model: {m['arch']} width {m['width']}, cut {m['cut']} (ratio {m['ratio']}), code {m['code_shape']}, "
           f"image {m['image_shape']}; test accuracy full {m['accuracy_full']:.4f}, split {m['accuracy_split']:.4f}")  # fmt: skip
+    if "resnet" in m:
+        n = m["resnet"]
+        print(f"model: {n['arch']} at {n['input_size']} px, cut {n['cut']} (no bottleneck), code {n['code_shape']}; "
+              f"trained {n['epochs']} epoch on {n['train_images']} images, test accuracy "
+              f"{n['test_accuracy_first_2000']:.4f} (first 2,000 test images)")  # fmt: skip
     e = r.edge
     print(f"edge (1 image, 1 thread): head {e['head_ms']:.3f} ms; encode " +
           ", ".join(f"{enc} {e[f'encode_{enc}_ms']:.3f} ms" for enc in ENCODINGS))  # fmt: skip
@@ -77,24 +82,26 @@ def print_report(r: Report) -> None:
         label = f"code {key}" if key != "full" else "full image fp16"
         print(f"  {label:<16} {r.payload[f'{key}_bytes']:>6} B  = {r.payload[f'{key}_ratio_to_raw']:.3f} x raw")
 
-    print("\nagreement on the 10,000 test images (predictions served by TorchServe):")
-    for key, a in r.agreement.items():
-        vs_fp32 = a.get("agreement_with_split_fp32")
-        extra = f"   with the split model in fp32 {100 * vs_fp32:6.2f} %" if vs_fp32 is not None else ""
-        print(f"  {key:<11} with the full model {100 * a['agreement_with_full']:6.2f} %{extra}"
-              f"   accuracy {100 * a['accuracy']:6.2f} %")  # fmt: skip
+    if r.agreement:  # not measured with --side-by-side-only
+        print("\nagreement on the 10,000 test images (predictions served by TorchServe):")
+        for key, a in r.agreement.items():
+            vs_fp32 = a.get("agreement_with_split_fp32")
+            extra = f"   with the split model in fp32 {100 * vs_fp32:6.2f} %" if vs_fp32 is not None else ""
+            print(f"  {key:<11} with the full model {100 * a['agreement_with_full']:6.2f} %{extra}"
+                  f"   accuracy {100 * a['accuracy']:6.2f} %")  # fmt: skip
 
-    print(f"\nlatency (single-image requests, top-{TOP_K}; batch = mean codes per forward pass):")
-    print(
-        f"  {'endpoint':<24}{'enc':<6}{'conc':>5}{'p50 ms':>9}{'p95 ms':>9}{'req/s':>9}{'B/req':>8}{'batch':>7}{'err':>5}"
-    )
-    for x in r.latency:
-        batch = f"{x.mean_batch:.1f}" if x.mean_batch is not None else "-"
-        print(f"  {x.endpoint:<24}{x.encoding:<6}{x.concurrency:>5}{x.p50_ms:>9.2f}{x.p95_ms:>9.2f}"
-              f"{x.throughput_rps:>9.0f}{x.bytes_per_request:>8.0f}{batch:>7}{x.errors:>5}")  # fmt: skip
-    print(
-        f"  {'in-process handler':<24}{'fp16':<6}{'-':>5}{r.in_process['p50_ms']:>9.2f}{r.in_process['p95_ms']:>9.2f}"
-    )
+    if r.latency:
+        print(f"\nlatency (single-image requests, top-{TOP_K}; batch = mean codes per forward pass):")
+        print(
+            f"  {'endpoint':<24}{'enc':<6}{'conc':>5}{'p50 ms':>9}{'p95 ms':>9}{'req/s':>9}{'B/req':>8}{'batch':>7}{'err':>5}"
+        )
+        for x in r.latency:
+            batch = f"{x.mean_batch:.1f}" if x.mean_batch is not None else "-"
+            print(f"  {x.endpoint:<24}{x.encoding:<6}{x.concurrency:>5}{x.p50_ms:>9.2f}{x.p95_ms:>9.2f}"
+                  f"{x.throughput_rps:>9.0f}{x.bytes_per_request:>8.0f}{batch:>7}{x.errors:>5}")  # fmt: skip
+        print(
+            f"  {'in-process handler':<24}{'fp16':<6}{'-':>5}{r.in_process['p50_ms']:>9.2f}{r.in_process['p95_ms']:>9.2f}"
+        )
 
     h = r.head_to_head
     if h:
