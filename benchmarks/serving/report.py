@@ -63,7 +63,7 @@ def side_by_side_goals(servers: dict[str, dict[str, dict]]) -> dict:
 
 def print_report(r: Report) -> None:
     m = r.model
-    print(f"\nmachine: {r.machine['cpus']} CPUs, load average {fmt_load(r.machine['load_average'])} before, "
+    print(f"\nmachine: {r.machine.get('cpu', 'CPU')}, {r.machine['cpus']} cores, load average {fmt_load(r.machine['load_average'])} before, "
           f"{fmt_load(r.machine['load_average_after'])} after; torch {r.machine['torch']}")  # fmt: skip
     print(f"model: {m['arch']} width {m['width']}, cut {m['cut']} (ratio {m['ratio']}), code {m['code_shape']}, "
           f"image {m['image_shape']}; test accuracy full {m['accuracy_full']:.4f}, split {m['accuracy_split']:.4f}")  # fmt: skip

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from benchmarks.machine import describe
 from isplit import torchserve as ts
 from isplit import wire
 from isplit.data import ImageSet, load_dataset, to_model_input
@@ -26,7 +27,7 @@ from isplit.retrain import retrain_split
 from .load import load_test, measure, served_top1
 from .models import export_full_image, plain_split, reference_model, resnet_reference
 from .report import goals, print_report
-from .results import ENCODINGS, REPO, Report, log, machine, median_ms
+from .results import ENCODINGS, REPO, Report, log, median_ms
 from .servers import (
     Server,
     fastapi_endpoint,
@@ -102,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_fastapi(args.serve_fastapi, args.port)
         return 0
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    report = Report(machine=machine(), model={})
+    report = Report(machine=describe(), model={})
 
     train, test = load_dataset("fashion-mnist", "train"), load_dataset("fashion-mnist", "test")
     model, info, checkpoint = reference_model(args, train, test)
@@ -168,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report.side_by_side = side_by_side(cases, args)
     if not (args.no_tuning or args.side_by_side_only or reuse):
         report.tuning = tuning_experiments(tail_mar, payloads["fp16"], args)
-    report.machine["load_average_after"] = os.getloadavg()
+    report.machine["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
     report.goals = goals(report)
     print_report(report)
     if args.json_out:
