@@ -196,8 +196,8 @@ def resnet_case(args: argparse.Namespace, test: ImageSet, export: Path) -> tuple
                     [wire.encode(codes[i : i + 1], "fp16") for i in range(len(codes))], args.resnet_requests,
                     args.resnet_requests)  # fmt: skip
     about = {"checkpoint": str(checkpoint), "arch": info.arch, "input_size": info.input_size,
-                 "cut": args.resnet_cut, "code_shape": pair.code_shape, "train_images": args.resnet_train_images,
-                 "epochs": 1, "test_accuracy_first_2000": info.test_accuracy}  # fmt: skip
+             "cut": args.resnet_cut, "code_shape": pair.code_shape, "train_images": args.resnet_train_images,
+             "epochs": 1, "test_accuracy_first_2000": info.test_accuracy}  # fmt: skip
     return case, about
 
 
