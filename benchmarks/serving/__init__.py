@@ -21,7 +21,12 @@ One run does everything on one machine:
    server-side batch; the handler called in-process (no HTTP) gives the floor;
 5. head to head: TorchServe (both registrations) and the bare endpoint taken in turn for
    ``--rounds`` rounds, medians reported, and the goals checked on them;
-6. unless ``--no-tuning``: the tuning experiments (stock TorchServe and torch threads, the
+6. side by side, per tail (the VGG11 tail above, and a ResNet-18 at 64 px, cached, cut at
+   ``--resnet-cut`` without a bottleneck, whose tail costs milliseconds): the handler
+   in-process, the bare endpoint, and TorchServe without batching (batch 1) and with batch
+   ``--batch-size`` at each of ``--batch-delays``, at each ``--concurrency``, in alternating
+   rounds, with the goals per registration (``--side-by-side-only`` runs this step alone);
+7. unless ``--no-tuning``: the tuning experiments (stock TorchServe and torch threads, the
    project config, batch size and delay, workers, a quiet log4j2), also in alternating rounds.
 
 Prints tables and writes JSON (``--json-out``). Exits 1 when a request failed. Everything

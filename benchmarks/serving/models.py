@@ -1,5 +1,6 @@
-"""The benchmark's models: the reference VGG11 (cached) and the full-image "tail" (the whole
-model, preprocessing included, served like a tail)."""
+"""The benchmark's models: the reference VGG11 (cached), the full-image "tail" (the whole
+model, preprocessing included, served like a tail), and a ResNet-18 at 64 px (cached) cut
+without a bottleneck, whose tail costs milliseconds per image."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from isplit.checkpoint import ModelInfo, load_model
+from isplit.cuts import split_at
 from isplit.data import ImageSet
 from isplit.dev.reference import cached_reference_model
+from isplit.retrain import EdgeHead, HeadTailPair, ServerTail
 
 from .results import log
 
@@ -32,6 +35,28 @@ def reference_model(args: argparse.Namespace, train: ImageSet, test: ImageSet) -
                                progress=False)  # fmt: skip
     model, info = load_model(path)
     return model, info, path
+
+
+def resnet_reference(args: argparse.Namespace) -> tuple[nn.Module, ModelInfo, Path]:
+    """A cached or freshly trained ResNet-18 at 64 px (CIFAR-style stem: full resolution to
+    ``layer1``), 1 epoch on ``--resnet-train-images`` images: for serving figures, not accuracy
+    (its test accuracy, on the first 2,000 test images, is reported)."""
+    path = args.work_dir / f"resnet18-64px-fmnist-e1-n{args.resnet_train_images}.pt"
+    if not path.is_file():
+        log(f"training the ResNet-18 reference model (1 epoch on {args.resnet_train_images} images, 64 px) ...")
+    cached_reference_model(path, arch="resnet18", dataset="fashion-mnist", input_size=64, epochs=1, lr=2e-3,
+                           max_train_images=args.resnet_train_images, max_test_images=2000, device="cpu",
+                           progress=False)  # fmt: skip
+    model, info = load_model(path)
+    return model, info, path
+
+
+def plain_split(model: nn.Module, info: ModelInfo, cut: str) -> HeadTailPair:
+    """``model`` cut at ``cut`` without a bottleneck: the head sends the cut's activation as is."""
+    head, tail = split_at(model.eval(), cut)
+    with torch.no_grad():
+        code = head(torch.zeros(1, info.in_channels, info.input_size, info.input_size))
+    return HeadTailPair(EdgeHead(head, nn.Identity()), ServerTail(nn.Identity(), tail), cut, list(code.shape[1:]))
 
 
 class FullImageModel(nn.Module):

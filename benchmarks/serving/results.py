@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
 
 from isplit import wire
 
@@ -55,6 +51,7 @@ class Report:
     in_process: dict = field(default_factory=dict)
     head_to_head: dict = field(default_factory=dict)
     tuning: list[dict] = field(default_factory=list)
+    side_by_side: list[dict] = field(default_factory=list)  # per tail: see side_by_side.compare_servers
     goals: dict = field(default_factory=dict)
 
 
@@ -71,8 +68,3 @@ def median_ms(fn: Callable[[], object], n: int = 200) -> float:
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
-
-
-def machine() -> dict:
-    return {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
-            "load_average": os.getloadavg(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip

@@ -16,17 +16,18 @@ import numpy as np
 import torch
 from PIL import Image
 
+from benchmarks.machine import describe
 from isplit import torchserve as ts
 from isplit import wire
-from isplit.data import load_dataset, to_model_input
+from isplit.data import ImageSet, load_dataset, to_model_input
 from isplit.export import export_pair
 from isplit.messages import BottleneckSpec
 from isplit.retrain import retrain_split
 
 from .load import load_test, measure, served_top1
-from .models import export_full_image, reference_model
+from .models import export_full_image, plain_split, reference_model, resnet_reference
 from .report import goals, print_report
-from .results import ENCODINGS, REPO, LoadResult, Report, log, machine, median_ms
+from .results import ENCODINGS, REPO, Report, log, median_ms
 from .servers import (
     Server,
     fastapi_endpoint,
@@ -37,6 +38,7 @@ from .servers import (
     serve,
     time_in_process,
 )
+from .side_by_side import TailCase, alternating_rounds, side_by_side
 from .tuning import tuning_experiments
 
 
@@ -53,8 +55,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=600, help="timed requests per latency cell")
     p.add_argument("--warmup", type=int, default=2000, help="untimed requests per endpoint first (JVM warm-up)")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds of the head-to-head comparison")
-    p.add_argument("--concurrency", default="1,8,16", help="client threads, comma-separated")
+    p.add_argument("--concurrency", default="1,8,16,32", help="client threads, comma-separated")
     p.add_argument("--batch-size", type=int, default=16, help="TorchServe server-side batch size")
+    p.add_argument(
+        "--batch-delays",
+        default="0,1,5",
+        help="side by side: a batched TorchServe registration per max batch delay (ms), comma-separated",
+    )
+    p.add_argument("--resnet-cut", default="layer3", help="side by side: the ResNet-18 tail's cut ('' = no ResNet)")
+    p.add_argument("--resnet-train-images", type=int, default=3000, help="the ResNet-18 is trained 1 epoch on these")
+    p.add_argument(
+        "--resnet-requests",
+        type=int,
+        default=150,
+        help="side by side: timed requests per ResNet cell (x concurrency/8 from 16 up), and its warm-up",
+    )
+    p.add_argument(
+        "--side-by-side-only",
+        action="store_true",
+        help="only the side by side of both tails (no agreement, latency table, head to head or tuning)",
+    )
     p.add_argument("--max-batch-delay-ms", type=int, default=0, help="for the tail and the full-image endpoint")
     p.add_argument("--batched-delay-ms", type=int, default=1, help="for a second registration of the tail")
     p.add_argument("--workers", type=int, default=2, help="TorchServe workers per registered model")
@@ -69,6 +89,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.inference_url and not (args.management_url and args.model_store):
         p.error("--inference-url needs --management-url and --model-store")
+    for flag in ("concurrency", "batch_delays"):
+        value = getattr(args, flag)
+        if not all(v.strip().isdigit() for v in value.split(",")):
+            p.error(f"--{flag.replace('_', '-')} must be comma-separated whole numbers, got {value!r}")
     return args
 
 
@@ -78,9 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.serve_fastapi:
         run_fastapi(args.serve_fastapi, args.port)
         return 0
-    concurrency = [int(c) for c in args.concurrency.split(",")]
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    report = Report(machine=machine(), model={})
+    report = Report(machine=describe(), model={})
 
     train, test = load_dataset("fashion-mnist", "train"), load_dataset("fashion-mnist", "test")
     model, info, checkpoint = reference_model(args, train, test)
@@ -133,7 +156,58 @@ def main(argv: Sequence[str] | None = None) -> int:
     report.in_process = time_in_process(handler, context, payloads["fp16"][0], 2000)
     del handler
 
+    cases = [TailCase(f"{info.arch} {args.cut} (tiny tail)", "bench-tail", export / "pair", tail_mar, payloads["fp16"],
+                      args.requests, args.warmup)]  # fmt: skip
+    if args.resnet_cut:
+        case, report.model["resnet"] = resnet_case(args, test, export)
+        cases.append(case)
     reuse = args.inference_url is not None
+    if not args.side_by_side_only:
+        main_measurements(args, report, tail_mar, full_mar, export / "pair", full_dir, codes, pixels, payloads, test,
+                          full_top1, split_fp32_top1)  # fmt: skip
+    if not reuse:
+        report.side_by_side = side_by_side(cases, args)
+    if not (args.no_tuning or args.side_by_side_only or reuse):
+        report.tuning = tuning_experiments(tail_mar, payloads["fp16"], args)
+    report.machine["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
+    report.goals = goals(report)
+    print_report(report)
+    if args.json_out:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(json.dumps(asdict(report), indent=1))
+    failed = (
+        sum(r.errors for r in report.latency)
+        + sum(t.get("errors", 0) for t in report.tuning)
+        + sum(c["errors"] for row in report.side_by_side for by_c in row["servers"].values() for c in by_c.values())
+    )
+    return 1 if failed else 0
+
+
+def resnet_case(args: argparse.Namespace, test: ImageSet, export: Path) -> tuple[TailCase, dict]:
+    """The ResNet-18 (64 px) cut at ``--resnet-cut`` without a bottleneck, exported and archived,
+    its payloads the codes of the first 64 test images; and what the report says of the model."""
+    model, info, checkpoint = resnet_reference(args)
+    pair = plain_split(model, info, args.resnet_cut)
+    files = export_pair(pair, info, export / "resnet", {"model_name": "bench-resnet", "dataset": "fashion-mnist"})
+    mar = ts.build_mar(files["tail.pt"], files["tail.json"], "bench-resnet", "1.0", export / "mars")
+    with torch.inference_mode():
+        codes = pair.head(to_model_input(test.images[:64], info.input_size, info.mean, info.std))
+    case = TailCase(f"resnet18 {args.resnet_cut} (64 px)", "bench-resnet", export / "resnet", mar,
+                    [wire.encode(codes[i : i + 1], "fp16") for i in range(len(codes))], args.resnet_requests,
+                    args.resnet_requests)  # fmt: skip
+    about = {"checkpoint": str(checkpoint), "arch": info.arch, "input_size": info.input_size,
+             "cut": args.resnet_cut, "code_shape": pair.code_shape, "train_images": args.resnet_train_images,
+             "epochs": 1, "test_accuracy_first_2000": info.test_accuracy}  # fmt: skip
+    return case, about
+
+
+def main_measurements(args, report, tail_mar, full_mar, pair_dir, full_dir, codes, pixels, payloads, test,
+                      full_top1, split_fp32_top1) -> None:  # fmt: skip
+    """Agreement on the test set, the single-pass latency table and the head to head, on one
+    TorchServe (the benchmark's own, or the one given) and bare endpoints for the tail and the
+    full-image model."""
+    reuse = args.inference_url is not None
+    concurrency = [int(c) for c in args.concurrency.split(",")]
     main_server = (
         nullcontext(Server(args.inference_url, args.management_url, args.model_store, args.metrics_url))
         if reuse
@@ -143,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tail_name, batched_name, full_name = f"bench-tail{tag}", f"bench-tail-batched{tag}", f"bench-full{tag}"
     with (
         main_server as server,
-        fastapi_endpoint(export / "pair", "fastapi-tail") as fastapi_url,
+        fastapi_endpoint(pair_dir, "fastapi-tail") as fastapi_url,
         fastapi_endpoint(full_dir, "fastapi-full") as fastapi_full_url,
     ):
         log(f"TorchServe at {server.inference_url}; registering the tail and the full-image endpoint ...")
@@ -197,41 +271,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                     ts.unregister(server.management_url, name)
                     (server.model_store / f"{name}.mar").unlink(missing_ok=True)
 
-    if not args.no_tuning and not reuse:
-        report.tuning = tuning_experiments(tail_mar, payloads["fp16"], args)
-    report.machine["load_average_after"] = os.getloadavg()
-    report.goals = goals(report)
-    print_report(report)
-    if args.json_out:
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(json.dumps(asdict(report), indent=1))
-    failed = sum(r.errors for r in report.latency) + sum(t.get("errors", 0) for t in report.tuning)
-    return 1 if failed else 0
-
 
 def head_to_head(server: Server, endpoints: list[tuple], args: argparse.Namespace) -> dict:
-    """fp16 at concurrency 1 and 16 on each endpoint in turn, for ``args.rounds`` rounds; the
-    medians over rounds, so that a change of load on the machine hits every endpoint alike.
+    """fp16 at concurrency 1 and 16 on each endpoint in turn, for ``args.rounds`` rounds
+    (:func:`alternating_rounds`); the medians over rounds.
 
     ``endpoints`` holds ``(label, TorchServe model name or None, URL, payloads)``."""
-    rows: dict[str, dict[str, list[LoadResult]]] = {label: {"c1": [], "c16": []} for label, *_ in endpoints}
-    for _ in range(args.rounds):
-        for label, name, url, items in endpoints:
-            for key, c, n in (("c1", 1, args.requests), ("c16", 16, 2 * args.requests)):
-                result = (
-                    measure(label, url, "fp16", items, c, n)
-                    if name is None
-                    else measure_batched(label, server, name, url, "fp16", items, c, n)
-                )
-                rows[label][key].append(result)
+    cells = alternating_rounds(server, endpoints, (1, 16), args.requests, args.rounds)
     out: dict = {"rounds": args.rounds, "endpoints": {}}
-    for label, by_c in rows.items():
-        batches = [r.mean_batch for r in by_c["c16"] if r.mean_batch is not None]
-        out["endpoints"][label] = {
-            "c1_p50_ms": statistics.median(r.p50_ms for r in by_c["c1"]),
-            "c1_rps": statistics.median(r.throughput_rps for r in by_c["c1"]),
-            "c16_p50_ms": statistics.median(r.p50_ms for r in by_c["c16"]),
-            "c16_rps": statistics.median(r.throughput_rps for r in by_c["c16"]),
-            "c16_mean_batch": statistics.median(batches) if batches else None,
-        }
+    for label, by_c in cells.items():
+        c1, c16 = by_c["1"], by_c["16"]
+        out["endpoints"][label] = {"c1_p50_ms": c1["p50_ms"], "c1_rps": c1["rps"], "c16_p50_ms": c16["p50_ms"],
+                                   "c16_rps": c16["rps"], "c16_mean_batch": c16["mean_batch"]}  # fmt: skip
     return out

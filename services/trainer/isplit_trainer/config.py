@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import Field, SecretStr
 
 from isplit.settings import ServiceSettings
-from isplit.torchserve import TorchServeKeys, read_keys
+from isplit.torchserve import TailBatching, TorchServeKeys, read_keys, tail_batching
 
 
 class Settings(ServiceSettings):
@@ -35,9 +35,12 @@ class Settings(ServiceSettings):
     trainer_group: str = "isplit-trainer"
     trainer_id: str = Field(default_factory=socket.gethostname)
     trainer_max_train_images: int | None = Field(default=None, description="cap when the candidate sets none")
-    tail_batch_size: int = 16
-    tail_max_batch_delay_ms: int = Field(default=0, description="0: lowest latency; 1 ms: larger batches under load")
-    tail_workers: int = 2
+    # Unset (the default), each is chosen from the tail's measured cost (isplit.torchserve.tail_batching).
+    tail_batch_size: int | None = Field(default=None, ge=1, le=1024, description="unset: 16")
+    tail_max_batch_delay_ms: int | None = Field(
+        default=None, ge=0, le=10_000, description="unset: 0 for a tail under 1 ms per image, else 1-5 ms by its cost"
+    )
+    tail_workers: int | None = Field(default=None, ge=1, le=64, description="unset: 2")
     trainer_job_template: str = Field(
         default="", description="kubernetes executor: the Job template JSON (see k8s_executor.JobTemplate)"
     )
@@ -52,6 +55,18 @@ class Settings(ServiceSettings):
             return TorchServeKeys(management=management, inference=inference)
         from_file = read_keys(self.torchserve_key_file)
         return TorchServeKeys(management=management or from_file.management, inference=inference or from_file.inference)
+
+    def tail_batching(self, tail_ms_per_image: float) -> TailBatching:
+        """How to register a tail costing ``tail_ms_per_image`` (ms): the rule's choice, except
+        for each ``tail_*`` setting that is set."""
+        rule = tail_batching(tail_ms_per_image)
+        return TailBatching(
+            batch_size=rule.batch_size if self.tail_batch_size is None else self.tail_batch_size,
+            max_batch_delay_ms=rule.max_batch_delay_ms
+            if self.tail_max_batch_delay_ms is None
+            else self.tail_max_batch_delay_ms,
+            workers=rule.workers if self.tail_workers is None else self.tail_workers,
+        )
 
     def model_store(self) -> Path:
         return self.torchserve_model_store or self.artifact_root / "model-store"

@@ -167,21 +167,25 @@ def _register(result: TrainingResult, paths: dict[str, Path], model_name: str, s
     try:
         keys = settings.torchserve_keys()
         mar = ts.build_mar(paths["tail.pt"], paths["tail.json"], model_name, "1.0", store)
-        ts.register(
-            settings.torchserve_management_url,
-            mar.name,
-            model_name,
-            batch_size=settings.tail_batch_size,
-            max_batch_delay_ms=settings.tail_max_batch_delay_ms,
-            initial_workers=settings.tail_workers,
-            key=keys.management,
-        )
-        # Real requests prove the tail answers and measure network + tail latency.
         head = torch.jit.load(str(paths["head.pt"]))
         meta = json.loads(paths["head.json"].read_text())
         x = torch.zeros(1, meta["in_channels"], meta["input_size"], meta["input_size"])
         with torch.no_grad():
-            payload = wire.encode(head(x), "fp16")
+            code = head(x)
+        payload = wire.encode(code, "fp16")
+        # Batch settings by the tail's cost per image (batching pays only for a costly tail).
+        batching = settings.tail_batching(ts.tail_cost_ms(torch.jit.load(str(paths["tail.pt"])), code))
+        ts.register(
+            settings.torchserve_management_url,
+            mar.name,
+            model_name,
+            batch_size=batching.batch_size,
+            max_batch_delay_ms=batching.max_batch_delay_ms,
+            initial_workers=batching.workers,
+            key=keys.management,
+        )
+        log.info("registered %s: %s", model_name, batching)
+        # Real requests prove the tail answers and measure network + tail latency.
         # The first request warms the new worker up; the second is the steady-state latency
         # the planner uses for the server side.
         ts.predict(settings.torchserve_inference_url, model_name, payload, timeout_s=30, key=keys.inference)

@@ -21,16 +21,20 @@ def cached_reference_model(
     lr: float = 2e-3,
     batch_size: int = 128,
     max_train_images: int | None = None,
+    max_test_images: int | None = None,
     device: str = "auto",
     progress: bool = True,
 ) -> Path:
-    """The checkpoint at ``path``; trained and saved there first if it does not exist."""
+    """The checkpoint at ``path``; trained and saved there first if it does not exist (its test
+    accuracy measured on the first ``max_test_images`` test images, default all)."""
     if path.is_file():
         return path
     train = load_dataset(dataset, "train")
     test = load_dataset(dataset, "test")
     if max_train_images:
         train = train.subset(None, max_train_images)
+    if max_test_images:
+        test = test.subset(None, max_test_images)
     model, info, _stats = train_reference_model(
         arch, dataset, train, test, input_size=input_size, width=width, epochs=epochs, batch_size=batch_size, lr=lr,
         device=pick_device(device), progress=progress,
