@@ -43,7 +43,7 @@ vgg() {
 
 resnet() {
   local ckpt=var/experiments/resnet18-64px-fmnist.pt
-  train "$ckpt" --arch resnet18 --dataset fashion-mnist --input-size 64 --epochs 3 --max-train-images 30000 --lr 0.004
+  train "$ckpt" --arch resnet18 --dataset fashion-mnist --input-size 64 --epochs 2 --max-train-images 20000 --lr 0.004
   run resnet18-fmnist-64px-cpu "$ISPLIT" experiment sweep --arch resnet18 --dataset fashion-mnist --weights "$ckpt" \
     "${common[@]}" --bottleneck-images 2000 --max-test-images 2000 --analysis-images 1000 --subset-cuts 2 \
     --time-budget "${RESNET_BUDGET:-2700}" --out docs/experiments/resnet18-fmnist-64px-cpu

@@ -49,14 +49,14 @@ def test_tail_cost_is_per_image_on_one_thread_and_restores_the_thread_count() ->
     torch.manual_seed(0)
     cheap = nn.Linear(128, 10).eval()
     costly = nn.Sequential(*[nn.Conv2d(64, 64, 3, padding=1) for _ in range(4)], nn.Flatten(), nn.LazyLinear(10))
-    costly(torch.zeros(1, 64, 16, 16))  # materialise the lazy layer
+    costly(torch.zeros(1, 64, 32, 32))  # materialise the lazy layer
     threads = torch.get_num_threads()
     cheap_ms = ts.tail_cost_ms(cheap, torch.zeros(1, 128))
-    costly_ms = ts.tail_cost_ms(costly.eval(), torch.zeros(1, 64, 16, 16))
+    costly_ms = ts.tail_cost_ms(costly.eval(), torch.zeros(1, 64, 32, 32))
     assert torch.get_num_threads() == threads
     assert 0 < cheap_ms < ts.CHEAP_TAIL_MS < costly_ms
     assert tail_batching(cheap_ms).max_batch_delay_ms == 0
     assert tail_batching(costly_ms).max_batch_delay_ms >= 1
     # Per image: a batch of 8 reports about one image's cost, not eight.
-    per_image_at_8 = ts.tail_cost_ms(costly, torch.zeros(8, 64, 16, 16))
+    per_image_at_8 = ts.tail_cost_ms(costly, torch.zeros(8, 64, 32, 32))
     assert per_image_at_8 < 2 * costly_ms
