@@ -27,7 +27,9 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks.machine
 
 from benchmarks.machine import describe, load_line  # noqa: E402
+from isplit.auth import bearer  # noqa: E402
 from isplit.bus import make_consumer  # noqa: E402
+from isplit.dev.stack import analyzer_token  # noqa: E402
 from isplit.settings import ServiceSettings  # noqa: E402
 
 DONE = ("analysed", "succeeded", "failed", "cancelled")
@@ -76,7 +78,7 @@ class CandidateWatch(threading.Thread):
 def submit(base: str, model_id: str, args: argparse.Namespace) -> tuple[str, float]:
     options = {"max_images": args.images, "top_k": 1, "epochs": 1, "max_train_images": 256, "max_test_images": 256}
     t0 = time.monotonic()
-    r = requests.post(f"{base}/v1/analyses", json={"model_id": model_id, "dataset": args.dataset, "options": options},
+    r = requests.post(f"{base}/v1/analyses", headers=bearer(analyzer_token()), json={"model_id": model_id, "dataset": args.dataset, "options": options},
                       timeout=30)  # fmt: skip
     r.raise_for_status()
     return r.json()["id"], t0
@@ -87,6 +89,7 @@ def follow(base: str, jobs: dict[str, float], watch: CandidateWatch, timeout_s: 
     out = {job: {"posted": t0} for job, t0 in jobs.items()}
     deadline = time.monotonic() + timeout_s
     with requests.Session() as s:
+        s.headers.update(bearer(analyzer_token()))
         while time.monotonic() < deadline:
             pending = [j for j, o in out.items() if "analysed" not in o or ("candidate" not in o and "error" not in o)]
             if not pending:
@@ -138,7 +141,8 @@ def main() -> int:
     base = args.analyzer
     settings = ServiceSettings()
     with open(args.checkpoint, "rb") as fh:
-        model = requests.post(f"{base}/v1/models", files={"file": (args.checkpoint.name, fh)}, timeout=120)
+        model = requests.post(f"{base}/v1/models", files={"file": (args.checkpoint.name, fh)},
+                              headers=bearer(analyzer_token()), timeout=120)  # fmt: skip
     model.raise_for_status()
     model_id = model.json()["model_id"]
     probe = HealthProbe(base)

@@ -226,3 +226,21 @@ def test_the_first_step_is_small_for_quick_progress_and_changes_no_sum(model, di
     for name, sums in all_stats.sums.items():  # batches of 32, also split: per-image maps add the same
         assert torch.allclose(stats.sums[name], sums, rtol=1e-9, atol=1e-12), name
     assert torch.equal(stats.counts, all_stats.counts)
+
+
+def test_channels_last_on_cpu_gives_the_same_sums_and_restores_the_layout(model, digits, all_stats):
+    from isplit.importance import _accumulate_batch, _empty_stats, analysis_mode, channels_last, find_cut_points
+
+    images, labels = digits
+    plain = _empty_stats(model, find_cut_points(model, tuple(images.shape[1:])), tuple(images.shape[1:]),
+                         torch.device("cpu"), "label")  # fmt: skip
+    with analysis_mode(model):  # the plain layout, batch by batch, as before channels-last
+        for i in range(0, len(labels), 32):
+            _accumulate_batch(model, plain, images[i : i + 32], labels[i : i + 32], "label", None)
+    for name, sums in all_stats.sums.items():
+        assert torch.allclose(plain.sums[name], sums, rtol=1e-5, atol=1e-9), name
+    weights = [p for p in model.parameters() if p.dim() == 4]
+    assert weights and all(p.is_contiguous() for p in weights)  # restored after each analysis
+    with channels_last(model) as last:
+        assert last and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
+    assert all(p.is_contiguous() for p in weights)

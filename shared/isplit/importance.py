@@ -171,6 +171,22 @@ def analysis_mode(model: nn.Module) -> Iterator[None]:
             m.inplace = True
 
 
+@contextmanager
+def channels_last(model: nn.Module, enabled: bool = True) -> Iterator[bool]:
+    """The model's 4-D weights in channels-last layout while inside (oneDNN's convolutions run
+    ~1.8x faster on CPU that way, VGG16 at 64 px), restored afterwards; yields whether inputs
+    should be made channels-last too. A no-op for a model already in that layout."""
+    weights = [p for p in model.parameters() if p.dim() == 4]
+    convert = enabled and any(not p.is_contiguous(memory_format=torch.channels_last) for p in weights)
+    if convert:
+        model.to(memory_format=torch.channels_last)
+    try:
+        yield enabled and bool(weights)
+    finally:
+        if convert:
+            model.to(memory_format=torch.contiguous_format)
+
+
 def _as_batches(data: Batches, batch_size: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
     if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], torch.Tensor):
         images, labels = data
@@ -219,7 +235,7 @@ def accumulate_importance(
     stats: ImportanceStats | None = None
     bar = tqdm(total=total, unit="img", desc="importance", disable=progress is not True)
     done = 0
-    with analysis_mode(model):
+    with analysis_mode(model), channels_last(model, enabled=dev.type == "cpu") as last:
         for images, labels in _as_batches(data, batch_size):
             images, labels = _filter(images, labels, classes)
             if labels.numel() == 0:
@@ -232,7 +248,10 @@ def accumulate_importance(
             n = int(labels.numel())
             sizes = [FIRST_STEP_IMAGES, n - FIRST_STEP_IMAGES] if done == 0 and n > 2 * FIRST_STEP_IMAGES else [n]
             for part_images, part_labels in zip(images.split(sizes), labels.split(sizes), strict=True):
-                _accumulate_batch(model, stats, part_images.to(dev), part_labels.to(dev), target, autocast_dtype)
+                x = part_images.to(dev)
+                if last and x.dim() == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                _accumulate_batch(model, stats, x, part_labels.to(dev), target, autocast_dtype)
                 done += int(part_labels.numel())
                 bar.update(int(part_labels.numel()))
                 if callable(progress):
