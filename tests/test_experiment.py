@@ -439,3 +439,30 @@ def test_results_written_before_seeds_read_as_one_seed():
     result = SweepResult.model_validate(raw)
     assert result.parameters.seeds == 1 and result.budget_picks == []
     assert render_report(result).startswith("# Does the CUI curve predict split accuracy?")
+
+
+def test_a_resumed_sweep_keeps_the_earlier_cuts_and_trains_only_the_others(sweep, tmp_path):
+    out, _, _ = sweep
+    common = [
+        "experiment", "sweep", "--arch", "vgg11", "--dataset", "digits", "--weights", str(out / "model.pt"),
+        "--seeds", "1", "--bottleneck-images", "64", "--max-test-images", "100", "--analysis-images", "100",
+        "--budgets", "0.5", "--num-subsets", "1", "--subset-cuts", "1", "--permutations", "200", "--device", "cpu",
+    ]  # fmt: skip
+    first = isplit(*common, "--cuts", "features.0", "--out", str(tmp_path / "a"), cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    earlier = SweepResult.model_validate_json((tmp_path / "a" / "result.json").read_text())
+    resume = ["--resume", str(tmp_path / "a" / "result.json")]
+    second = isplit(*common, "--cuts", "features.0,features.8", *resume, "--out", str(tmp_path / "b"), cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-2000:]
+    later = SweepResult.model_validate_json((tmp_path / "b" / "result.json").read_text())
+    kept = {c.module: c for c in earlier.cuts}
+    assert "features.8" not in kept and {c.module for c in later.cuts} == set(kept) | {"features.8"}
+    for cut in later.cuts:  # the earlier measurements verbatim, training times included
+        if cut.module in kept:
+            assert cut == kept[cut.module]
+    assert any(f"{len(kept)} cut(s) measured there were kept" in n for n in later.notes)
+    # Anything that changes a measurement refuses to mix: one line, exit 2.
+    changed = [*common, "--seeds", "2"]  # the last --seeds wins
+    refused = isplit(*changed, "--cuts", "features.8", *resume, "--out", str(tmp_path / "c"), cwd=tmp_path)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert "cannot resume: the earlier run measured differently (seeds 1 -> 2)" in refused.stderr

@@ -14,7 +14,15 @@ from typing import Any, Literal
 from pydantic.fields import FieldInfo
 
 from isplit import IsplitError
-from isplit.experiment.report import budget_outcome, number, percent, signed, write_outputs, write_report
+from isplit.experiment.report import (
+    budget_outcome,
+    number,
+    percent,
+    read_result,
+    signed,
+    write_outputs,
+    write_report,
+)
 from isplit.experiment.schema import SweepConfig
 from isplit.experiment.sweep import run_sweep
 
@@ -79,6 +87,8 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefix", default="", help="file name prefix, e.g. 'vgg16-fmnist-'")
     p.add_argument("--name", help="a name for the run (default: the output directory's name)")
     p.add_argument("--note", action="append", default=[], help="a remark recorded in the result (repeatable)")
+    p.add_argument("--resume", type=Path, help="an earlier result.json of the same sweep: keep its measured cuts, "
+                   "train only the others (same --weights and settings; budget, device, cuts may differ)")  # fmt: skip
 
 
 def config_from_args(args: argparse.Namespace) -> SweepConfig:
@@ -91,7 +101,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     out = Path(args.out)
     save = None if args.no_save_weights or args.weights else Path(args.save_weights or out / f"{args.prefix}model.pt")
-    result = run_sweep(cfg, name=args.name or out.name, save_weights=save, notes=args.note)
+    resume = read_result(args.resume) if args.resume else None
+    result = run_sweep(cfg, name=args.name or out.name, save_weights=save, notes=args.note, resume=resume)
     paths = write_outputs(result, out, args.prefix)
     cui, size = result.correlations["cui"], result.correlations["size"]
     print(f"measured {len(result.cuts)} cuts in {result.wall_seconds:.0f} s on {result.machine.device_name}")

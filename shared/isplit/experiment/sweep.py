@@ -198,6 +198,23 @@ def _check_config(cfg: SweepConfig) -> None:
         raise IsplitError(f"time-budget must be > 0 seconds, got {cfg.time_budget_s}")
 
 
+# What may differ between a sweep and the earlier run it resumes: nothing that changes a measurement.
+RESUME_MAY_DIFFER = {"time_budget_s", "device", "cuts", "max_cuts", "permutations"}
+
+
+def _resumable_cuts(cfg: SweepConfig, resume: SweepResult | None) -> dict[str, CutMeasurement]:
+    """The earlier run's cut measurements by module, after checking it measured the same way."""
+    if resume is None:
+        return {}
+    before = resume.parameters.model_dump()
+    now = cfg.model_dump()
+    differ = sorted(k for k in now if k not in RESUME_MAY_DIFFER and now[k] != before.get(k))
+    if differ:
+        shown = ", ".join(f"{k} {before.get(k)!r} -> {now[k]!r}" for k in differ[:5])
+        raise IsplitError(f"cannot resume: the earlier run measured differently ({shown})")
+    return {c.module: c for c in resume.cuts}
+
+
 def run_sweep(
     cfg: SweepConfig,
     *,
@@ -206,14 +223,20 @@ def run_sweep(
     command: str | None = None,
     notes: Sequence[str] = (),
     progress: bool = True,
+    resume: SweepResult | None = None,
 ) -> SweepResult:
     """Run the whole sweep described by ``cfg`` (see the module docstring); returns the result.
 
     ``save_weights`` is where a freshly trained reference model is saved (None: not saved);
     ``command`` is recorded as the exact command line (default: this process's argv);
-    ``notes`` are recorded and printed in the report.
+    ``notes`` are recorded and printed in the report. ``resume``: an earlier result of the same
+    sweep (same model checkpoint and measurement settings; budget, device and cut selection may
+    differ): its measured cuts are kept and only the others are trained, so several budgeted
+    runs add up to the whole network.
     """
     _check_config(cfg)
+    if resume is not None and not cfg.weights:
+        raise IsplitError("--resume needs --weights: the earlier run's cuts belong to that checkpoint")
     if not cfg.weights:
         cfg = cfg.model_copy(update={"width": cfg.width or 1.0, "input_size": cfg.input_size or 64})
     started_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
@@ -248,6 +271,7 @@ def run_sweep(
         )
     else:
         reference_accuracy = info.test_accuracy or 0.0  # measured on the same test images
+    reused = _resumable_cuts(cfg, resume)  # with the checkpoint's width and input size filled in
 
     phase = time.perf_counter()
     source = full_train if cfg.analysis_split == "train" else full_test
@@ -289,6 +313,9 @@ def run_sweep(
     phase = time.perf_counter()
     bar = tqdm(ordered, desc="cuts (all classes)", unit="cut", disable=not progress)
     for module in bar:
+        if module in reused:
+            cuts.append(reused[module])
+            continue
         if not budget.allows():
             skipped.append(module)
             continue
@@ -322,6 +349,9 @@ def run_sweep(
     correlations, picks = evaluate_claim(curve, cuts, permutations=cfg.permutations, seed=cfg.seed)
     for pick in (picks.cui, picks.size, picks.oracle):
         pick.head_flops_fraction = fractions[pick.module]
+    if resume is not None:
+        kept = sum(1 for c in cuts if c.module in reused)
+        notes.append(f"resumed from the run started {resume.started_at}: {kept} cut(s) measured there were kept")
     if skipped:
         notes.append(f"time budget of {cfg.time_budget_s} s reached: {len(skipped)} retraining job(s) skipped")
     return SweepResult(
