@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 from kafka import KafkaAdminClient
+from kafka.errors import UnknownTopicOrPartitionError
 
 from isplit.bus import Topics, ensure_topics
 from isplit.messages import DatasetSpec, DeadLetter, TrainingResult
@@ -39,10 +40,20 @@ def readyz(url: str) -> int:
         return 0
 
 
-def delete_topic(bootstrap: str, topic: str) -> None:
+def delete_topic(bootstrap: str, topic: str, timeout_s: float = 30) -> None:
+    """Delete ``topic``, retrying while the broker does not host it yet (the trainer created it
+    a moment ago: a KRaft broker can answer UnknownTopicOrPartition until the creation lands)."""
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="test-delete")
+    deadline = time.monotonic() + timeout_s
     try:
-        admin.delete_topics([topic])
+        while True:
+            try:
+                admin.delete_topics([topic])
+                break
+            except UnknownTopicOrPartitionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
     finally:
         admin.close()
     time.sleep(1)
