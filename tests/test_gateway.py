@@ -227,3 +227,11 @@ def test_bad_request_lines_get_4xx_not_a_crash(gateway: Gateway) -> None:
         sock.sendall(b"GARBAGE\r\n\r\n")
         assert sock.recv(65536).startswith(b"HTTP/1.1 400")
     assert requests.get(gateway.inference + "/ping", timeout=10).json() == json.loads('{"status": "Healthy"}')
+
+
+def test_the_gateway_does_not_load_torch() -> None:
+    """The chart gives the gateway container 512 MiB; importing torch alone peaks above that."""
+    probe = "import sys, isplit.gateway; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, env=_env())
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"

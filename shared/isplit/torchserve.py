@@ -32,12 +32,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 import requests
-import torch
 
 from isplit import IsplitError
+
+if TYPE_CHECKING:  # torch only where a function needs it: the gateway imports this module torch-free
+    import torch
 
 HANDLER_ENV = "ISPLIT_TAIL_HANDLER"
 _REPO_HANDLER = Path(__file__).resolve().parents[2] / "services" / "tail-serving" / "isplit_tail_handler.py"
@@ -177,6 +180,8 @@ def tail_batching(tail_ms_per_image: float) -> TailBatching:
 def tail_cost_ms(tail: Callable[[torch.Tensor], torch.Tensor], code: torch.Tensor, repeats: int = 7) -> float:
     """Median time of ``tail(code)`` on one torch thread (as the handler runs it) per image in
     ``code`` ``(N, ...)``, in ms, after one untimed pass; the process's thread count is restored."""
+    import torch
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -279,7 +284,7 @@ def predict(
     that many classes per image (sent as the ``X-Isplit-Top-K`` header). Raises
     :class:`TorchServeError` with the server's message on 4xx/5xx or when unreachable.
     """
-    from isplit import wire  # here: the module stays torch-free for the gateway (python -m isplit.gateway)
+    from isplit import wire  # here, like torch above: the module stays torch-free for the gateway
 
     headers = {"Content-Type": "application/octet-stream"}
     if top_k is not None:
