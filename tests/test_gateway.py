@@ -25,6 +25,7 @@ from isplit import torchserve as ts
 from isplit import wire
 from isplit.dev import REPO
 from isplit.dev.torchserve import free_ports
+from tests.fixtures.services import ServiceProcess
 from tests.test_tail_serving import _make_tail
 
 pytestmark = pytest.mark.torchserve
@@ -37,25 +38,13 @@ class Gateway:
     inference: str
     management: str
     keys_dir: Path
-    proc: subprocess.Popen
+    service: ServiceProcess
 
     def key(self, api: str) -> str:
         return (self.keys_dir / f"{api}-key").read_text().strip()
 
     def as_(self, api: str) -> dict[str, str]:
         return ts.auth_headers(self.key(api))
-
-
-def _wait_up(url: str, proc: subprocess.Popen, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else "gateway exited"
-        try:
-            requests.get(url, timeout=1)
-            return
-        except requests.ConnectionError:
-            time.sleep(0.1)
-    raise TimeoutError(f"gateway not up at {url}")
 
 
 def _env() -> dict[str, str]:
@@ -70,20 +59,16 @@ def _write_keys(keys_dir: Path) -> Path:
 
 def _start_gateway(keys_dir: Path, key_file: Path, inference_upstream: str, management_upstream: str) -> Gateway:
     inference_port, management_port = free_ports(2)
-    command = [
-        sys.executable, "-m", "isplit.gateway", "--keys-dir", str(keys_dir), "--torchserve-key-file", str(key_file),
+    args = [
+        "-m", "isplit.gateway", "--keys-dir", str(keys_dir), "--torchserve-key-file", str(key_file),
         "--inference-listen", f"127.0.0.1:{inference_port}", "--inference-upstream", inference_upstream,
         "--management-listen", f"127.0.0.1:{management_port}", "--management-upstream", management_upstream,
         "--max-body-bytes", str(MAX_BODY), "--header-timeout", "2",
     ]  # fmt: skip
-    proc = subprocess.Popen(command, env=_env(), stderr=subprocess.PIPE, text=True)
-    g = Gateway(f"http://127.0.0.1:{inference_port}", f"http://127.0.0.1:{management_port}", keys_dir, proc)
-    try:
-        _wait_up(g.inference + "/ping", proc)
-    except BaseException:
-        proc.kill()
-        raise
-    return g
+    service = ServiceProcess("python", _env(), keys_dir / "gateway.log", args)
+    management = f"http://127.0.0.1:{management_port}"
+    service.start(health_url=management + "/models", timeout_s=30)  # up: a 401 without a key
+    return Gateway(f"http://127.0.0.1:{inference_port}", management, keys_dir, service)
 
 
 @contextmanager
@@ -91,8 +76,7 @@ def running(g: Gateway) -> Iterator[Gateway]:
     try:
         yield g
     finally:
-        g.proc.terminate()
-        g.proc.wait(timeout=15)
+        g.service.terminate(timeout_s=15)
 
 
 @pytest.fixture(scope="module")
