@@ -218,6 +218,43 @@ def make_consumer(bootstrap: str, group_id: str, topics: Iterable[str], **overri
     return consumer
 
 
+# Seconds a consumer loop waits after a poll that raised, before it polls again.
+POLL_ERROR_PAUSE_S = 1.0
+
+
+def poll_records(consumer: KafkaConsumer, timeout_ms: int) -> list[Any]:
+    """The records one ``consumer.poll(timeout_ms)`` returns, partition by partition in order;
+    ``[]`` after a pause of ``POLL_ERROR_PAUSE_S`` when the poll raises a Kafka or socket error.
+
+    kafka-python 3.0 can raise from ``poll`` while the broker restarts (a metadata refresh inside
+    the group-coordinator lookup meets a refused connection: seen in CI, ``KafkaConnectionError``
+    out of ``ensure_coordinator_ready``). The consumer itself recovers on a later poll, so a loop
+    polls again instead of dying with the work it holds.
+    """
+    try:
+        batch = consumer.poll(timeout_ms=timeout_ms)
+    except (KafkaError, OSError) as exc:
+        log.warning("poll failed (%r); polling again in %.0f s", exc, POLL_ERROR_PAUSE_S)
+        time.sleep(POLL_ERROR_PAUSE_S)
+        return []
+    return [record for records in batch.values() for record in records]
+
+
+def close_clients(consumer: KafkaConsumer | None, producer: KafkaProducer | None, timeout_s: float = 10.0) -> None:
+    """Close a consumer (nothing committed) and a producer, each within about ``timeout_s``
+    (kafka-python's producer waits forever by default), whatever state the broker is in;
+    errors are logged, never raised. Either may be None."""
+    for name, close in (
+        ("consumer", None if consumer is None else lambda: consumer.close(autocommit=False)),
+        ("producer", None if producer is None else lambda: producer.close(timeout=timeout_s)),
+    ):
+        if close is not None:
+            try:
+                close()
+            except Exception as exc:  # closing is best effort: the process goes on or exits
+                log.warning("closing the %s: %r", name, exc)
+
+
 @dataclass(frozen=True)
 class Topics:
     """The contract topics under an optional prefix.

@@ -7,7 +7,6 @@ database or Kafka, is dead-lettered with the reason and committed past; ``progre
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -17,7 +16,16 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from isplit.bus import ConsumerProgress, Topics, consumer_lag, dead_letter, make_consumer, make_producer
+from isplit.bus import (
+    ConsumerProgress,
+    Topics,
+    close_clients,
+    consumer_lag,
+    dead_letter,
+    make_consumer,
+    make_producer,
+    poll_records,
+)
 from isplit.messages import MessageError, TrainingResult, decode
 from isplit_analyzer import metrics
 from isplit_analyzer.store import CandidateRow
@@ -88,11 +96,10 @@ class ResultsConsumer:
                 if consumer is None:
                     consumer = make_consumer(self.bootstrap, self.group, [self.topics.results])
                     producer = make_producer(self.bootstrap, client_id="isplit-analyzer-dlq")
-                batch = consumer.poll(timeout_ms=500)
-                for records in batch.values():
-                    for record in records:
-                        self._handle(record, producer)
-                if batch:
+                records = poll_records(consumer, timeout_ms=500)
+                for record in records:
+                    self._handle(record, producer)
+                if records:
                     consumer.commit()
                     self.progress.progressed()
                 if time.monotonic() - last_lag > LAG_CHECK_S:
@@ -100,16 +107,10 @@ class ResultsConsumer:
                     self.progress.observe(consumer_lag(consumer))
             except Exception as exc:  # broker gone: reconnect after a pause
                 log.warning("results consumer: %s; reconnecting", exc)
-                for client in (consumer, producer):
-                    if client is not None:
-                        with contextlib.suppress(Exception):
-                            client.close()
+                close_clients(consumer, producer, timeout_s=5)
                 consumer = producer = None
                 self._stop.wait(2)
-        if consumer is not None:
-            consumer.close()
-        if producer is not None:
-            producer.close()
+        close_clients(consumer, producer, timeout_s=5)
 
     def _handle(self, record: Any, producer: Any) -> None:
         """Attach one record's result; dead-letter it when it cannot be. Raises only when the

@@ -23,11 +23,13 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 from isplit.bus import (
     ConsumerProgress,
     PublishError,
+    close_clients,
     consumer_lag,
     dead_letter,
     ensure_topics,
     make_consumer,
     make_producer,
+    poll_records,
     publish,
 )
 from isplit.messages import MessageError, SplitCandidate, TrainingResult, decode
@@ -135,12 +137,10 @@ class TrainerLoop:
             while True:
                 if self.stop_event.is_set() and current is None:
                     break
-                batch = consumer.poll(timeout_ms=200)
-                if current is None and not self.stop_event.is_set():
-                    records = [r for rs in batch.values() for r in rs]
-                    if records:
-                        consumer.pause(*consumer.assignment())
-                        current = (records[0], pool.submit(self._safe_handle, records[0]))
+                records = poll_records(consumer, timeout_ms=200)
+                if records and current is None and not self.stop_event.is_set():
+                    consumer.pause(*consumer.assignment())
+                    current = (records[0], pool.submit(self._safe_handle, records[0]))
                 if current is not None and current[1].done():
                     record, future = current
                     self._finish(consumer, record, future.result())
@@ -154,8 +154,7 @@ class TrainerLoop:
                     self.progress.observe(lag)
         finally:
             pool.shutdown(wait=True)
-            consumer.close(autocommit=False)
-            self._producer.close(timeout=10)
+            close_clients(consumer, self._producer, timeout_s=10)
             log.info("trainer stopped")
 
     def _finish(self, consumer: Any, record: Any, outcome: str) -> None:
