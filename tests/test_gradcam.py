@@ -110,6 +110,22 @@ def test_gradcam_uses_channel_mean_so_duplicated_channels_change_nothing():
     torch.testing.assert_close(doubled, gradcam_maps(activation, gradient))
 
 
+def test_gradcam_of_a_channels_last_activation_is_the_same_map():
+    g = torch.Generator().manual_seed(1)
+    activation = torch.randn(4, 16, 7, 9, generator=g)
+    gradient = torch.randn(4, 16, 7, 9, generator=g)
+    last = activation.contiguous(memory_format=torch.channels_last)
+    assert not last.is_contiguous()  # the (N, HW, C) path, which reads it without a copy
+    torch.testing.assert_close(gradcam_maps(last, gradient), gradcam_maps(activation, gradient))
+    torch.testing.assert_close(gradcam_maps(activation, gradient)[0, 2, 3], _by_hand(activation, gradient, 0, 2, 3))
+
+
+def _by_hand(activation: torch.Tensor, gradient: torch.Tensor, i: int, y: int, x: int) -> torch.Tensor:
+    """One map pixel from the definition: ReLU(mean_c(mean_hw(G[c]) * A[c, y, x]))."""
+    weights = gradient[i].mean(dim=(1, 2))
+    return torch.relu((weights * activation[i, :, y, x]).mean())
+
+
 def test_gradcam_of_flat_output_treats_features_as_channels_of_1x1_maps():
     activation = torch.tensor([[1.0, 2.0, 3.0], [1.0, 1.0, 1.0]])
     gradient = torch.tensor([[2.0, -1.0, 1.0], [-1.0, -1.0, -1.0]])
