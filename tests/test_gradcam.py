@@ -115,7 +115,7 @@ def test_gradcam_of_a_channels_last_activation_is_the_same_map():
     activation = torch.randn(4, 16, 7, 9, generator=g)
     gradient = torch.randn(4, 16, 7, 9, generator=g)
     last = activation.contiguous(memory_format=torch.channels_last)
-    assert not last.is_contiguous()  # the (N, HW, C) path, which reads it without a copy
+    assert not last.is_contiguous()  # the CPU engine's layout
     torch.testing.assert_close(gradcam_maps(last, gradient), gradcam_maps(activation, gradient))
     torch.testing.assert_close(gradcam_maps(activation, gradient)[0, 2, 3], _by_hand(activation, gradient, 0, 2, 3))
 

@@ -134,12 +134,11 @@ def gradcam_maps(activation: torch.Tensor, gradient: torch.Tensor) -> torch.Tens
         raise ValueError(f"expected (N, C, H, W) or (N, F), got shape {tuple(activation.shape)}")
     n, c, h, w = activation.shape
     weights = gradient.mean(dim=(2, 3))
-    # The channel-weighted mean in one pass, no (N, C, H, W) product, and no copy of the
-    # activation: channels-last memory (the CPU engine's) is (N, HW, C), else (N, C, HW).
-    if c > 1 and activation.is_contiguous(memory_format=torch.channels_last):
-        cam = torch.bmm(activation.permute(0, 2, 3, 1).reshape(n, h * w, c), weights[:, :, None]) / c
-    else:
-        cam = torch.bmm(weights[:, None, :], activation.reshape(n, c, h * w)) / c
+    # (N, 1, C) @ (N, C, HW): the channel-weighted mean in one pass, no (N, C, H, W) product.
+    # A channels-last activation (the CPU engine's) is copied to (N, C, HW) first: measured on
+    # 2 threads, copy + this bmm is 1.9-10x faster than a batched matrix-vector product over
+    # the (N, HW, C) view (VGG16 64 px shapes, AMD EPYC VM).
+    cam = torch.bmm(weights[:, None, :], activation.reshape(n, c, h * w)) / c
     return torch.relu(cam.view(n, h, w))
 
 
