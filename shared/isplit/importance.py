@@ -133,7 +133,12 @@ def gradcam_maps(activation: torch.Tensor, gradient: torch.Tensor) -> torch.Tens
     if activation.dim() != 4:
         raise ValueError(f"expected (N, C, H, W) or (N, F), got shape {tuple(activation.shape)}")
     n, c, h, w = activation.shape
-    weights = gradient.mean(dim=(2, 3))
+    if gradient.is_contiguous(memory_format=torch.channels_last):
+        # The CPU engine's layout: the mean over H, W of its (N, HW, C) view, the same result;
+        # 3-14x faster than mean(dim=(2, 3)) on the strided tensor for VGG16's 16-32 px maps.
+        weights = gradient.permute(0, 2, 3, 1).reshape(n, h * w, c).mean(dim=1)
+    else:
+        weights = gradient.mean(dim=(2, 3))
     # (N, 1, C) @ (N, C, HW): the channel-weighted mean in one pass, no (N, C, H, W) product.
     # A channels-last activation (the CPU engine's) is copied to (N, C, HW) first: measured on
     # 2 threads, copy + this bmm is 1.9-10x faster than a batched matrix-vector product over
