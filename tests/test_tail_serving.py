@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import time
 import uuid
@@ -357,18 +358,35 @@ def _nobody_can_run(python: Path) -> bool:
     return subprocess.run([*as_nobody, str(python)], capture_output=True, timeout=60).returncode == 0
 
 
+def _system_python_of_the_venvs_version() -> Path | None:
+    version = subprocess.run(
+        [str(REPO / ".venv" / "bin" / "python"), "-c", 'import sys; print("%d.%d" % sys.version_info[:2])'],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout.strip()  # fmt: skip
+    found = shutil.which(f"python{version}", path="/usr/local/bin:/usr/bin:/bin")
+    return Path(found) if found else None
+
+
+VENV_PYTHON_SERVES = os.geteuid() != 0 or _nobody_can_run(REPO / ".venv" / "bin" / "python")
+SYSTEM_PYTHON = _system_python_of_the_venvs_version()
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="started by a normal user, TorchServe runs as that user")
 @pytest.mark.skipif(
-    os.geteuid() == 0 and not _nobody_can_run(REPO / ".venv" / "bin" / "python"),
-    reason="the venv's interpreter lies under a directory only root may enter (e.g. /root/.pyenv): "
-    "scripts/torchserve falls back to root with a warning",
+    not VENV_PYTHON_SERVES and (SYSTEM_PYTHON is None or not _nobody_can_run(SYSTEM_PYTHON)),
+    reason="nobody may run the venv's interpreter (under a directory only root may enter), and there is "
+    "no system Python of its version: scripts/torchserve falls back to root with a warning",
 )
 def test_started_by_root_torchserve_and_its_workers_are_not_root(served_tail: ServedTail, torchserve) -> None:
     state = (torchserve.key_file.parent / "torchserve.env").read_text()
     frontend = int(re.search(r"^ISPLIT_TORCHSERVE_PID=(\d+)$", state, re.M).group(1))  # type: ignore[union-attr]
-    children = Path(f"/proc/{frontend}/task/{frontend}/children").read_text().split()
+    # The JVM starts workers from any of its threads: each thread lists its own children.
+    children = [p for task in Path(f"/proc/{frontend}/task").iterdir() for p in (task / "children").read_text().split()]
     workers = [int(p) for p in children if b"model_service_worker" in Path(f"/proc/{p}/cmdline").read_bytes()]
     assert workers, "no model worker under the frontend"
     uids = {pid: _uid(pid) for pid in (frontend, *workers)}
     assert all(uid != 0 for uid in uids.values()), uids
     assert torchserve.key_file.stat().st_uid == uids[frontend]  # TorchServe wrote its keys as that user
+    if not VENV_PYTHON_SERVES:  # here the workers run on the runner venv made from the system's Python
+        runner = REPO / ".venv" / "torchserve-runner" / "bin" / "python"
+        assert all(str(runner).encode() in Path(f"/proc/{p}/cmdline").read_bytes() for p in workers)
