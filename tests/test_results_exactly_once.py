@@ -76,8 +76,11 @@ def test_a_broker_outage_during_the_trainers_publish_leaves_one_result_in_the_vi
             def counted() -> tuple[float, float]:
                 return tuple(metric(analyzer, f"isplit_analyzer_results_{n}_total") for n in ("consumed", "duplicate"))
 
-            wait_for("duplicates ignored", lambda: sum(counted()) == seen, 60, analyzer.proc)
-            assert counted() == (1.0, seen - 1.0)
+            # At least once: a consumer renewed after the outage (its fetching stuck) or whose group
+            # membership the outage ended reads again what it had not committed, so a record may be
+            # counted twice as a duplicate; attached (consumed) it is exactly once.
+            wait_for("duplicates ignored", lambda: counted()[1] >= seen - 1, 120, analyzer.proc)
+            assert counted()[0] == 1.0
             view = analyzer.get(f"/v1/analyses/{job}").json()
             assert [c["measured"] for c in view["candidates"]] == [on_topic[0].model_dump(mode="json")]
             assert view["correlation"]["measured"] == 1

@@ -220,6 +220,8 @@ def make_consumer(bootstrap: str, group_id: str, topics: Iterable[str], **overri
 
 # Seconds a consumer loop waits after a poll that raised, before it polls again.
 POLL_ERROR_PAUSE_S = 1.0
+# Seconds a consumer may leave waiting records unfetched before its loop makes a new one.
+RENEW_STUCK_CONSUMER_S = 30.0
 
 
 def poll_records(consumer: KafkaConsumer, timeout_ms: int) -> list[Any]:
@@ -334,7 +336,7 @@ class ConsumerProgress:
     def __init__(self, stall_after_s: float) -> None:
         self.stall_after_s = stall_after_s
         now = time.monotonic()
-        self._last_progress = self._last_observed = now
+        self._last_progress = self._last_observed = self._last_renewal = now
         self._lag: int | None = None
         self._lock = threading.Lock()
 
@@ -349,6 +351,20 @@ class ConsumerProgress:
             self._last_observed, self._lag = now, lag
             if lag == 0:
                 self._last_progress = now
+
+    def should_renew(self, after_s: float = 30.0) -> bool:
+        """True, at most once per ``after_s``, when records are waiting (a measured lag > 0) and
+        none has been processed for ``after_s`` seconds: the consumer is connected but its
+        fetching is stuck (seen with kafka-python 3.0.12 after a broker restart, following a
+        FetchSessionIdNotFound), and the loop should close it and make a new one. The records
+        it had fetched but not committed are read again; processing is idempotent."""
+        with self._lock:
+            now = time.monotonic()
+            waiting = self._lag is not None and self._lag > 0
+            if waiting and now - self._last_progress > after_s and now - self._last_renewal > after_s:
+                self._last_renewal = now
+                return True
+            return False
 
     def stalled(self) -> str | None:
         """Why the consumer is stalled, or None while it keeps up."""

@@ -16,6 +16,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from isplit import bus
 from isplit.bus import (
     ConsumerProgress,
     Topics,
@@ -105,6 +106,10 @@ class ResultsConsumer:
                 if time.monotonic() - last_lag > LAG_CHECK_S:
                     last_lag = time.monotonic()
                     self.progress.observe(consumer_lag(consumer))
+                    if self.progress.should_renew(bus.RENEW_STUCK_CONSUMER_S):
+                        log.warning("results consumer: records wait and none was fetched; making a new consumer")
+                        close_clients(consumer, producer, timeout_s=5)
+                        consumer = producer = None
             except Exception as exc:  # broker gone: reconnect after a pause
                 log.warning("results consumer: %s; reconnecting", exc)
                 close_clients(consumer, producer, timeout_s=5)

@@ -20,6 +20,7 @@ from typing import Any
 
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
+from isplit import bus
 from isplit.bus import (
     ConsumerProgress,
     PublishError,
@@ -121,14 +122,7 @@ class TrainerLoop:
     def run(self) -> None:
         ensure_topics(self.settings.kafka_bootstrap, self.topics.partitions())
         self._producer = make_producer(self.settings.kafka_bootstrap, client_id=f"{SERVICE}-{self.settings.trainer_id}")
-        consumer = make_consumer(
-            self.settings.kafka_bootstrap,
-            self.settings.trainer_group,
-            [self.topics.candidates],
-            max_poll_records=1,
-            session_timeout_ms=10_000,
-            max_poll_interval_ms=300_000,  # the loop keeps polling while a candidate trains
-        )
+        consumer = self._consumer()
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="train")
         current: tuple[Any, Future[str]] | None = None
         last_lag = 0.0
@@ -152,10 +146,24 @@ class TrainerLoop:
                         lag += current is not None  # the record in work is fetched, not done
                         metrics.CONSUMER_LAG.set(lag)
                     self.progress.observe(lag)
+                    if current is None and self.progress.should_renew(bus.RENEW_STUCK_CONSUMER_S):
+                        log.warning("candidates wait and none was fetched; making a new consumer")
+                        close_clients(consumer, None)
+                        consumer = self._consumer()
         finally:
             pool.shutdown(wait=True)
             close_clients(consumer, self._producer, timeout_s=10)
             log.info("trainer stopped")
+
+    def _consumer(self) -> Any:
+        return make_consumer(
+            self.settings.kafka_bootstrap,
+            self.settings.trainer_group,
+            [self.topics.candidates],
+            max_poll_records=1,
+            session_timeout_ms=10_000,
+            max_poll_interval_ms=300_000,  # the loop keeps polling while a candidate trains
+        )
 
     def _finish(self, consumer: Any, record: Any, outcome: str) -> None:
         tp = TopicPartition(record.topic, record.partition)
