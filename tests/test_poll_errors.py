@@ -125,8 +125,9 @@ def test_the_trainer_loop_keeps_consuming_after_polls_that_raise(
 
 
 class StuckFetching:
-    """A real consumer that fetches nothing: its partitions stay paused, so records wait (lag > 0)
-    while every poll returns none, as kafka-python 3.0.12's consumer did after a broker restart."""
+    """A real consumer that fetches nothing: its partitions are paused as they are assigned, so
+    records wait (lag > 0) while every poll returns none, as kafka-python 3.0.12's consumer did
+    after a broker restart."""
 
     def __init__(self, consumer: Any) -> None:
         self.consumer = consumer
@@ -142,10 +143,6 @@ class StuckFetching:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.consumer, name)
-
-    def poll(self, *args: Any, **kwargs: Any) -> Any:
-        self.consumer.pause(*self.consumer.assignment())
-        return self.consumer.poll(*args, **kwargs)
 
 
 def test_should_renew_only_when_records_wait_unprocessed_and_at_most_once_per_period():

@@ -352,7 +352,7 @@ class ConsumerProgress:
             if lag == 0:
                 self._last_progress = now
 
-    def should_renew(self, after_s: float = 30.0) -> bool:
+    def should_renew(self, after_s: float) -> bool:
         """True, at most once per ``after_s``, when records are waiting (a measured lag > 0) and
         none has been processed for ``after_s`` seconds: the consumer is connected but its
         fetching is stuck (seen with kafka-python 3.0.12 after a broker restart, following a
